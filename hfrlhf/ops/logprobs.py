@@ -1,0 +1,176 @@
+"""Log-probabilities of the scored (completion) tokens only, from hidden states, chunked over the vocabulary.
+
+A causal LM's head turns every hidden state into ``vocab`` logits. Preference losses need one number per
+completion token: ``log p(target | prefix)``. Materialising ``[B, T, vocab]`` logits for that costs
+``B*T*vocab`` floats (8 x 512 x 49152 fp32 = 805 MB for SmolLM2) plus the same again for their gradient.
+Here the head is applied only at the positions in ``pred_index`` and, through :class:`LinearLogprob`, in
+chunks whose logits are recomputed in backward instead of stored: peak extra memory is one
+``[chunk, vocab]`` block.
+
+Batches follow the index scheme of ``docs/architecture.md`` (``pred_index``, ``target_index``,
+``target_seq``, ``last_index``), so padded, packed and shared-prompt layouts all go through one function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["LinearLogprob", "SequenceLogprobs", "linear_logprob", "hidden_states", "batch_logprobs", "token_entropy"]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on for this device, else ``t``'s."""
+    device = t.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return t.dtype
+
+
+class LinearLogprob(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T / temperature)[n, target[n]]`` without storing the logits.
+
+    Forward computes each ``[chunk, V]`` block of logits, keeps only the log-prob of the target and the
+    log-sum-exp; backward recomputes the block. Matmuls run in the autocast dtype (bf16 on a CPU that has
+    it), softmax and log-sum-exp in float32.
+
+    Shape: hidden ``(N, H)``, weight ``(V, H)``, target ``(N,)`` -> ``(N,)`` float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden, weight, target, chunk_size: int, temperature: float, dtype: torch.dtype):
+        n = hidden.shape[0]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # softmax precision
+        out = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        w = weight.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                logits = (hidden[sl].to(dtype) @ w.T).to(acc)  # (c, V)
+                if temperature != 1.0:
+                    logits = logits / temperature
+                lse[sl] = torch.logsumexp(logits, dim=-1)
+                out[sl] = logits.gather(1, target[sl, None]).squeeze(1) - lse[sl]
+        ctx.save_for_backward(hidden, weight, target, lse)
+        ctx.chunk_size, ctx.temperature, ctx.dtype = chunk_size, temperature, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        hidden, weight, target, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype, temp = ctx.dtype, ctx.temperature
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        w = weight.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                sl = slice(start, start + ctx.chunk_size)
+                h = hidden[sl].to(dtype)
+                logits = (h @ w.T).to(acc)
+                if temp != 1.0:
+                    logits = logits / temp
+                # d logp[t] / d logits = onehot(t) - softmax(logits)
+                go = grad_out[sl, None].to(acc)
+                g = torch.exp(logits - lse[sl, None]).mul_(-go)
+                g.scatter_add_(1, target[sl, None], go)
+                if temp != 1.0:
+                    g = g / temp
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[sl] = (g @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w += (g.T @ h).to(acc)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def linear_logprob(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 1024, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-prob of ``target`` under ``softmax(hidden @ weight.T / temperature)``, chunked. ``(N,H),(V,H),(N,) -> (N,)``.
+
+    >>> h, w = torch.randn(5, 4), torch.randn(11, 4)
+    >>> t = torch.tensor([0, 3, 10, 2, 2])
+    >>> ref = torch.log_softmax(h @ w.T, -1).gather(1, t[:, None]).squeeze(1)
+    >>> torch.allclose(linear_logprob(h, w, t, chunk_size=2), ref, atol=1e-6)
+    True
+    """
+    return LinearLogprob.apply(hidden, weight, target, chunk_size, float(temperature), _compute_dtype(hidden))
+
+
+class SequenceLogprobs(NamedTuple):
+    """Log-probs of one batch. N scored tokens, S sequences, H hidden size."""
+
+    token_logps: torch.Tensor  # (N,) float32, log p of each scored token
+    seq_logps: torch.Tensor  # (S,) float32, summed over each sequence's scored tokens
+    seq_lens: torch.Tensor  # (S,) float32, number of scored tokens per sequence
+    last_hidden: torch.Tensor | None  # (S, H) hidden state at each sequence's last token, when asked
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel wrappers
+        model = model.module
+    return model
+
+
+def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final (normed) hidden states ``(R, T, H)`` of a causal LM, never computing full-vocabulary logits.
+
+    Under a distributed wrapper (DDP) with gradients on, the forward goes through the wrapper so gradient
+    synchronisation is prepared; ``logits_to_keep=1`` keeps the head's cost to one position per row.
+    Otherwise the decoder is called directly.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    inner = _unwrap(model)
+    if inner is not model and torch.is_grad_enabled():
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        return out.hidden_states[-1]
+    return inner.get_decoder()(**inputs, use_cache=False).last_hidden_state
+
+
+def batch_logprobs(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    return_last_hidden: bool = False,
+) -> SequenceLogprobs:
+    """Per-token and per-sequence log-probs of a collated batch's scored tokens.
+
+    ``batch`` holds ``input_ids (R,T)``, ``attention_mask``, ``position_ids``, ``pred_index (N,)``,
+    ``target_index (N,)``, ``target_seq (N,)`` and ``last_index (S,)`` (docs/architecture.md).
+    """
+    hidden = hidden_states(model, batch)  # (R, T, H)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (R*T, H)
+    targets = batch["input_ids"].reshape(-1)[batch["target_index"]]  # (N,)
+    head = _unwrap(model).get_output_embeddings()
+    token_logps = linear_logprob(flat[batch["pred_index"]], head.weight, targets, chunk_size=chunk_size, temperature=temperature)
+    num_seq = batch["last_index"].shape[0]
+    seq = batch["target_seq"]
+    seq_logps = torch.zeros(num_seq, dtype=torch.float32, device=flat.device).index_add(0, seq, token_logps)
+    seq_lens = torch.zeros(num_seq, dtype=torch.float32, device=flat.device).index_add(
+        0, seq, torch.ones_like(token_logps)
+    )
+    last_hidden = flat[batch["last_index"]] if return_last_hidden else None
+    return SequenceLogprobs(token_logps, seq_logps, seq_lens, last_hidden)
+
+
+@torch.no_grad()
+def token_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, *, chunk_size: int = 1024, temperature: float = 1.0
+) -> torch.Tensor:
+    """Entropy of the next-token distribution at each hidden state, chunked, no gradient. ``(N,H) -> (N,)``."""
+    dtype = _compute_dtype(hidden)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    w = weight.to(dtype)
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        logits = (hidden[sl].to(dtype) @ w.T).float() / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        out[sl] = -(logp.exp() * logp).sum(-1)
+    return out

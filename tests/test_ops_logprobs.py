@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.ops.logprobs import batch_logprobs, linear_logprob, token_entropy
+
+
+def _reference(h, w, t, temperature=1.0):
+    return torch.log_softmax((h @ w.T) / temperature, -1).gather(1, t[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_linear_logprob_matches_full_softmax_and_its_gradients(chunk, temperature):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (7,), generator=g)
+    upstream = torch.randn(7, generator=g, dtype=torch.float64)
+
+    ours = linear_logprob(h, w, t, chunk_size=chunk, temperature=temperature)
+    (ours.double() * upstream).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = _reference(h, w, t, temperature)
+    (ref * upstream).sum().backward()
+
+    torch.testing.assert_close(ours.double(), ref.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gh, h.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=0)
+
+
+def test_linear_logprob_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 5, 2, 2])
+    assert torch.autograd.gradcheck(lambda a, b: linear_logprob(a, b, t, chunk_size=3).double(), (h, w))
+
+
+def test_frozen_head_gets_no_gradient():
+    h = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(9, 4)
+    linear_logprob(h, w, torch.tensor([1, 2, 3])).sum().backward()
+    assert h.grad is not None and w.grad is None
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(16, 32, generator=g), torch.randn(50, 32, generator=g)
+    t = torch.randint(0, 50, (16,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = linear_logprob(h, w, t)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, _reference(h, w, t), atol=0.15, rtol=0.02)
+
+
+def test_token_entropy_matches_definition():
+    h, w = torch.randn(5, 4), torch.randn(7, 4)
+    p = torch.softmax(h @ w.T, -1)
+    torch.testing.assert_close(token_entropy(h, w, chunk_size=2), -(p * p.log()).sum(-1))
+    assert torch.all(token_entropy(h, w) <= torch.log(torch.tensor(7.0)) + 1e-6)
+
+
+def test_batch_logprobs_equals_full_logits_on_a_padded_batch():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(tok, seed=3)
+    # two sequences, right padded: prompt lengths 3 and 2, completion lengths 2 and 3
+    ids = torch.tensor([[5, 6, 7, 8, 9, 2], [10, 11, 12, 13, 14, 2]])
+    ids[0, 5] = tok.pad_token_id
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    # scored tokens: row 0 positions 3,4 ; row 1 positions 2,3,4,5 (pad == eos at 5 is real)
+    target_index = torch.tensor([3, 4, 6 + 2, 6 + 3, 6 + 4, 6 + 5])
+    batch = {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": torch.arange(6).expand(2, 6),
+        "pred_index": target_index - 1,
+        "target_index": target_index,
+        "target_seq": torch.tensor([0, 0, 1, 1, 1, 1]),
+        "last_index": torch.tensor([4, 11]),
+    }
+    out = batch_logprobs(model, batch, chunk_size=2, return_last_hidden=True)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits, -1)
+    expected0 = logp[0, 2, 8] + logp[0, 3, 9]
+    expected1 = logp[1, 1, 12] + logp[1, 2, 13] + logp[1, 3, 14] + logp[1, 4, 2]
+    torch.testing.assert_close(out.seq_logps, torch.stack([expected0, expected1]).detach(), atol=1e-5, rtol=0)
+    assert out.seq_lens.tolist() == [2.0, 4.0]
+    assert out.last_hidden.shape == (2, model.config.hidden_size)
