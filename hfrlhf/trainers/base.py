@@ -1,0 +1,216 @@
+"""What every hfrlhf trainer shares: config defaults, data preparation, metric averaging, LoRA attachment,
+bf16 autocast, and the non-finite loss guard. Trainers subclass :class:`HfrlhfTrainer` and only orchestrate.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HfrlhfConfig(TrainingArguments):
+    """Fields shared by every hfrlhf config, on top of ``transformers.TrainingArguments``.
+
+    Defaults differ from ``TrainingArguments`` where RLHF needs it: ``remove_unused_columns=False`` (the
+    collators read columns the model's forward does not take), ``logging_steps=10``, ``bf16`` on where the
+    hardware supports it, gradient checkpointing off (on small models it costs time for memory nobody needs).
+    """
+
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: collators need columns the model's forward does not take."}
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Default: on where the device supports bf16 (CPUs with AVX512-BF16/AMX too)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward: less memory, about 20-30% more time."}
+    )
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Maximum tokens of prompt + completion; completions are cut to fit."}
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Maximum prompt tokens; longer prompts keep their end."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenize the dataset."})
+    drop_invalid_rows: bool = field(
+        default=False,
+        metadata={"help": "Drop rows that fail validation (with a report) instead of stopping with an error."},
+    )
+    layout: str = field(
+        default="padded",
+        metadata={"help": "Batch layout: padded, packed (no padding) or shared_prompt (prompt once per pair).",
+                  "choices": ["padded", "packed", "shared_prompt"]},
+    )
+    logprob_chunk_size: int = field(
+        default=1024, metadata={"help": "Scored tokens per chunk when computing log-probs over the vocabulary."}
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the policy (and reference)."})
+    nonfinite_loss: str = field(
+        default="skip",
+        metadata={"help": "What to do on a NaN/inf loss: 'skip' the micro-batch with a warning (counted in "
+                          "'nonfinite_skipped'), or 'raise' naming the step.", "choices": ["skip", "raise"]},
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and _bf16_supported()
+        if self.bf16 and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            self.use_cpu = True  # TrainingArguments accepts bf16 without a GPU only with use_cpu
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.max_prompt_length is not None and self.max_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
+                "to leave room for the completion"
+            )
+        if self.nonfinite_loss not in ("skip", "raise"):
+            raise ValueError(f"nonfinite_loss must be 'skip' or 'raise', got {self.nonfinite_loss!r}")
+        super().__post_init__()
+
+
+def _bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:  # CPU: autocast to bf16 works everywhere torch builds it; it is fast where the ISA has bf16 units
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def prepare_dataset(
+    data: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    args: HfrlhfConfig,
+    *,
+    kinds: tuple[str, ...],
+    name: str = "train_dataset",
+) -> Dataset:
+    """Load (any supported schema), validate and tokenize ``data`` for a trainer that accepts ``kinds``.
+
+    Already tokenized datasets (with ``prompt_ids``) pass through untouched.
+    """
+    if isinstance(data, Dataset) and "prompt_ids" in data.column_names:
+        return data
+    from hfrlhf.data.formats import load, record_kind
+    from hfrlhf.data.tokenize import tokenize_dataset
+
+    records = load(data, drop_invalid=args.drop_invalid_rows)
+    kind = record_kind(records)
+    if kind not in kinds:
+        raise ValueError(f"{name}: this trainer takes {' or '.join(kinds)} data, but the rows are {kind} ({records.column_names})")
+    if len(records) == 0:
+        raise ValueError(f"{name} is empty: there is nothing to train or evaluate on")
+    with args.main_process_first(desc=f"tokenizing {name}"):
+        return tokenize_dataset(
+            records,
+            tokenizer,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            drop_invalid=args.drop_invalid_rows,
+            num_proc=args.dataset_num_proc,
+        )
+
+
+def attach_peft(model: PreTrainedModel, peft_config: Any, args: HfrlhfConfig) -> nn.Module:
+    """Wrap ``model`` with a LoRA adapter from ``peft_config`` (k-bit models are prepared for training first)."""
+    if peft_config is None:
+        return model
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already carries a peft adapter; pass either a PeftModel or peft_config, not both")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    return get_peft_model(model, peft_config)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (policy-gradient and preference losses assume deterministic forwards)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+class HfrlhfTrainer(Trainer):
+    """A ``transformers.Trainer`` with per-step metric averaging, bf16 autocast and a non-finite loss guard."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.nonfinite_skipped = 0
+        # Our losses are means over the micro-batch: the Trainer divides by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+
+    # --- precision -------------------------------------------------------------------------------------------
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> AbstractContextManager:
+        """Run compute_loss under the accelerator's autocast (bf16 on CPU too): our log-prob path calls the
+        decoder directly, so the autocast that accelerate wraps around ``model.forward`` would not apply."""
+        return self.accelerator.autocast()
+
+    # --- metrics ---------------------------------------------------------------------------------------------
+    @property
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def store_metrics(self, metrics: dict[str, torch.Tensor | float], *, mode: str | None = None) -> None:
+        """Record this micro-batch's metrics, averaged over processes; ``log()`` averages them over the step."""
+        mode = mode or self._mode
+        if not metrics:
+            return
+        names = sorted(metrics)
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).detach().reshape(()).to(self.accelerator.device)
+                              for k in names])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.gather(values[None]).nanmean(0)
+        for name, value in zip(names, values.tolist()):
+            if value == value:  # drop NaN (e.g. a metric of a kind absent from this batch)
+                self._metrics[mode][name].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            averaged = {f"eval_{k}": v for k, v in averaged.items()}
+        elif self.nonfinite_skipped:
+            averaged["nonfinite_skipped"] = float(self.nonfinite_skipped)
+        logs.update(averaged)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # --- safety ----------------------------------------------------------------------------------------------
+    def guard_loss(self, loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """Return ``loss`` when finite; otherwise skip (a zero loss with zero gradients) or raise, per config."""
+        if torch.isfinite(loss).all():
+            return loss
+        step = self.state.global_step
+        if self.args.nonfinite_loss == "raise":
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at global step {step}: check the learning rate, the data of this "
+                "batch, and fp16 overflow; set nonfinite_loss='skip' to skip such batches instead"
+            )
+        self.nonfinite_skipped += 1
+        warnings.warn(f"non-finite loss at global step {step}: batch skipped ({self.nonfinite_skipped} so far)",
+                      RuntimeWarning, stacklevel=2)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return sum((p.sum() * 0.0 for p in trainable), torch.zeros((), device=loss.device))
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation computes the training loss (and stores eval metrics); there are no logits to return."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
