@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from hfrlhf.losses.base import LossOutput, register_loss
 
 __all__ = [
+    "SUM_METRICS",
     "apo_zero_unpaired_loss",
     "desirable_undesirable_warning",
     "kto_log_metrics",
