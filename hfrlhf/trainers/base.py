@@ -105,13 +105,13 @@ def prepare_dataset(
     """
     if isinstance(data, Dataset) and "prompt_ids" in data.column_names:
         return data
-    from hfrlhf.data.formats import load, record_kind
+    from hfrlhf.data.formats import convert_kind, load, record_kind
     from hfrlhf.data.tokenize import tokenize_dataset
 
     records = load(data, drop_invalid=args.drop_invalid_rows)
-    kind = record_kind(records)
-    if kind not in kinds:
-        raise ValueError(f"{name}: this trainer takes {' or '.join(kinds)} data, but the rows are {kind} ({records.column_names})")
+    if record_kind(records) not in kinds:
+        # e.g. listwise rows for a pairwise loss become all ordered pairs; a clear error when no conversion exists
+        records = convert_kind(records, kinds[0])
     if len(records) == 0:
         raise ValueError(f"{name} is empty: there is nothing to train or evaluate on")
     with args.main_process_first(desc=f"tokenizing {name}"):

@@ -1,0 +1,224 @@
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+
+from hfrlhf.data.collators import PairwiseCollator
+from hfrlhf.data.tokenize import tokenize_dataset
+from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.trainers.dpo import DPOConfig, DPOTrainer
+
+PAIRS = [
+    {"prompt": [{"role": "user", "content": "Review the film."}],
+     "chosen": [{"role": "assistant", "content": "I loved it, wonderful acting."}],
+     "rejected": [{"role": "assistant", "content": "Boring."}]},
+    {"prompt": [{"role": "user", "content": "What is the capital of France?"}],
+     "chosen": [{"role": "assistant", "content": "Paris."}],
+     "rejected": [{"role": "assistant", "content": "The capital of France is a terrible question."}]},
+    {"prompt": [{"role": "user", "content": "Count to three."}],
+     "chosen": [{"role": "assistant", "content": "one two three"}],
+     "rejected": [{"role": "assistant", "content": "four five"}]},
+    {"prompt": [{"role": "user", "content": "Say something kind."}],
+     "chosen": [{"role": "assistant", "content": "The staff were kind and the food was good."}],
+     "rejected": [{"role": "assistant", "content": "I hated every minute."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(tok):
+    return tokenize_dataset(Dataset.from_list(PAIRS), tok, max_length=64)
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", bf16=False, use_cpu=True,
+                per_device_train_batch_size=4, max_steps=1, logging_steps=1, disable_tqdm=True, seed=0)
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+def _seq_logp(model, prompt_ids, completion_ids):
+    """Independent path: one plain forward per sequence, full softmax, sum over completion tokens."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    p = len(prompt_ids)
+    return sum(logp[p - 1 + j, t].item() for j, t in enumerate(completion_ids))
+
+
+def test_sigmoid_loss_equals_hand_computation_from_plain_forwards(tmp_path, tok, data):
+    policy = build_tiny_llama(tok, seed=1)
+    ref = build_tiny_llama(tok, seed=2)
+    trainer = DPOTrainer(policy, ref_model=ref, args=_args(tmp_path, beta=0.3), train_dataset=data, processing_class=tok)
+    batch = trainer.data_collator([data[i] for i in range(4)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+
+    expected = []
+    for row in data:
+        pc = _seq_logp(policy, row["prompt_ids"], row["chosen_ids"])
+        pr = _seq_logp(policy, row["prompt_ids"], row["rejected_ids"])
+        rc = _seq_logp(ref, row["prompt_ids"], row["chosen_ids"])
+        rr = _seq_logp(ref, row["prompt_ids"], row["rejected_ids"])
+        z = 0.3 * ((pc - rc) - (pr - rr))
+        expected.append(math.log1p(math.exp(-z)))  # -log sigmoid(z)
+    assert loss == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_layouts_give_the_padded_loss(tmp_path, tok, data, layout):
+    policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
+    losses = {}
+    for lay in ("padded", layout):
+        trainer = DPOTrainer(policy, ref_model=ref, args=_args(tmp_path, layout=lay), train_dataset=data,
+                             processing_class=tok)
+        batch = trainer.data_collator([data[i] for i in range(4)])
+        with torch.no_grad():
+            losses[lay] = trainer.compute_loss(trainer.model, batch).item()
+    assert losses[layout] == pytest.approx(losses["padded"], abs=1e-5)
+
+
+def test_same_loss_as_trl_dpo_trainer_on_the_same_batch(tmp_path, tok, data):
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
+    rows = [{k: data[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(4)]
+    for loss_type, extra in [("sigmoid", {}), ("hinge", {}), ("ipo", {}), ("robust", {"label_smoothing": 0.1}),
+                             ("sigmoid", {"label_smoothing": 0.2})]:
+        trl_args = TRLConfig(output_dir=str(tmp_path / "trl"), report_to=[], bf16=False, use_cpu=True,
+                             gradient_checkpointing=False, loss_type=[loss_type], beta=0.2, max_length=None, **extra)
+        trl = TRLTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=trl_args,
+                         train_dataset=Dataset.from_list(PAIRS), processing_class=tok)
+        trl_batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(rows)
+        trl.model.eval()
+        with torch.no_grad():
+            theirs = trl.compute_loss(trl.model, trl_batch).item()
+
+        ours_trainer = DPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+                                  args=_args(tmp_path, loss_type=loss_type, beta=0.2, **extra),
+                                  train_dataset=data, processing_class=tok)
+        ours_trainer.model.eval()
+        with torch.no_grad():
+            ours = ours_trainer.compute_loss(ours_trainer.model, PairwiseCollator(tok.pad_token_id)(rows)).item()
+        assert ours == pytest.approx(theirs, abs=1e-6), (loss_type, extra)
+
+
+def _trained_params(tmp_path, tok, data, bs, ga):
+    model = build_tiny_llama(tok, seed=5)
+    args = _args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, optim="sgd",
+                 learning_rate=0.5, max_grad_norm=None, lr_scheduler_type="constant", beta=0.5)
+    trainer = DPOTrainer(model, ref_model=build_tiny_llama(tok, seed=6), args=args, train_dataset=data,
+                         processing_class=tok)
+    trainer.train()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_gradient_accumulation_is_exact(tmp_path, tok, data):
+    one = _trained_params(tmp_path, tok, data, bs=4, ga=1)
+    four = _trained_params(tmp_path, tok, data, bs=1, ga=4)
+    start = build_tiny_llama(tok, seed=5).state_dict()
+    moved = 0
+    for name, value in one.items():
+        torch.testing.assert_close(four[name], value, atol=1e-6, rtol=1e-5)
+        moved += int(not torch.equal(value, start[name]))
+    assert moved > 0
+
+
+def test_lora_trains_only_the_adapter_and_reloads_identically(tmp_path, tok, data):
+    model = build_tiny_llama(tok, seed=7)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = _args(tmp_path, max_steps=8, learning_rate=5e-2, per_device_train_batch_size=4, beta=0.5)
+    trainer = DPOTrainer(model, args=args, train_dataset=data, processing_class=tok,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    batch = trainer.data_collator([data[i] for i in range(4)])
+    with torch.no_grad():
+        start_loss = trainer.compute_loss(trainer.model, batch).item()
+    trainer.train()
+    with torch.no_grad():
+        end_loss = trainer.compute_loss(trainer.model, batch).item()
+    assert end_loss < start_loss - 0.05
+
+    changed = {n for n, p in trainer.model.named_parameters() if "lora_" in n
+               and not torch.equal(p, torch.zeros_like(p)) and p.requires_grad}
+    assert changed, "LoRA weights should have moved"
+    for name, p in trainer.model.named_parameters():
+        if "lora_" not in name:
+            base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p.detach(), before[base_name]), name
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(build_tiny_llama(tok, seed=7), str(tmp_path / "adapter"))
+    ids = torch.tensor([data[0]["prompt_ids"] + data[0]["chosen_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+def test_adapter_off_reference_equals_explicit_base_copy(tmp_path, tok, data):
+    lora = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    base = build_tiny_llama(tok, seed=8)
+    t1 = DPOTrainer(copy.deepcopy(base), args=_args(tmp_path), train_dataset=data, processing_class=tok, peft_config=lora)
+    t2 = DPOTrainer(copy.deepcopy(base), ref_model=copy.deepcopy(base), args=_args(tmp_path), train_dataset=data,
+                    processing_class=tok, peft_config=lora)
+    batch = t1.data_collator([data[i] for i in range(4)])
+    r1 = t1.reference.seq_logps(t1.model, batch)
+    r2 = t2.reference.seq_logps(t2.model, batch)
+    torch.testing.assert_close(r1, r2)
+
+
+def test_precomputed_reference_is_cached_and_matches(tmp_path, tok, data, monkeypatch):
+    policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
+    live = DPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=_args(tmp_path), train_dataset=data,
+                      processing_class=tok)
+    cache = tmp_path / "cache"
+    pre = DPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+                     args=_args(tmp_path, precompute_ref_log_probs=True, ref_cache_dir=str(cache)),
+                     train_dataset=data, processing_class=tok)
+    assert "ref_logps" in pre.train_dataset.column_names
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    rows = [pre.train_dataset[i] for i in range(4)]
+    with torch.no_grad():
+        l_pre = pre.compute_loss(pre.model, pre.data_collator(rows)).item()
+        l_live = live.compute_loss(live.model, live.data_collator([data[i] for i in range(4)])).item()
+    assert l_pre == pytest.approx(l_live, abs=1e-5)
+
+    # a second trainer with the same model and data reads the file instead of running the reference
+    import hfrlhf.trainers.reference as reference
+
+    def refuse(*a, **k):
+        raise AssertionError("the reference model should not run when the cache exists")
+
+    monkeypatch.setattr(reference, "batch_logprobs", refuse)
+    again = DPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+                       args=_args(tmp_path, precompute_ref_log_probs=True, ref_cache_dir=str(cache)),
+                       train_dataset=data, processing_class=tok)
+    assert again.train_dataset["ref_logps"] == pre.train_dataset["ref_logps"]
+
+
+def test_logged_metric_names_match_trl(tmp_path, tok, data):
+    trainer = DPOTrainer(build_tiny_llama(tok), ref_model=build_tiny_llama(tok, seed=3), args=_args(tmp_path),
+                         train_dataset=data, processing_class=tok)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "kl", "loss"):
+        assert name in logged, name
+    assert logged["rewards/margins"] == pytest.approx(logged["rewards/chosen"] - logged["rewards/rejected"], abs=1e-6)
+
+
+def test_unknown_loss_and_bad_settings_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="unknown preference loss_type 'dpo2'"):
+        _args(tmp_path, loss_type="dpo2")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _args(tmp_path, label_smoothing=0.7)
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        _args(tmp_path, max_length=64, max_prompt_length=64)
