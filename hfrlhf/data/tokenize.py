@@ -1,0 +1,424 @@
+"""Tokenization: canonical records -> token ids, with the prompt/completion boundary done right.
+
+A prompt is rendered and tokenized once and shared by all of its completions. For chat data the prompt is
+rendered with the generation prompt, exactly as it will be at generation time, and a completion is the text
+the chat template writes after it. Prompt and completion text are tokenized separately, so
+``prompt_ids + completion_ids`` is always what the model sees when it generates that completion from
+``prompt_ids``, whatever the tokenizer merges across the boundary.
+
+When the rendered prompt is not a prefix of the rendered conversation (templates that rewrite earlier turns
+once an answer follows, or whose generation prompt differs from the header of a written assistant turn),
+the completion is located in the rendered conversation from where its first message's content starts, and
+everything the template writes from there on is kept.
+
+Every completion ends with exactly one EOS: a template's own EOS is kept (not doubled) and only whitespace
+after the final EOS (a trailing newline) is dropped; otherwise EOS is appended. Plain-text data gets no
+special tokens besides that EOS.
+
+Truncation: ``max_prompt_length`` keeps the *end* of a longer prompt (the question is usually last); then
+every completion is cut to ``max_length - len(prompt_ids)`` tokens, keeping its start (a cut completion has
+no EOS, and is flagged ``truncated``). All completions of a prompt share the same prompt ids and the same
+budget. A prompt that leaves no room for a single completion token is a :class:`DataError`.
+
+>>> from hfrlhf.models.tiny import build_tiny_tokenizer
+>>> tok = build_tiny_tokenizer()
+>>> pair = tokenize_prompt_completion(tok, [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}])
+>>> tok.decode(pair.prompt_ids), tok.decode(pair.completion_ids)
+('<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n', 'hello<|im_end|>')
+>>> tok.decode(tokenize_prompt_completion(tok, "Q: 2+2? A:", " 4").completion_ids)
+' 4<|im_end|>'
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from datasets import Dataset, Features, List, Value
+
+from hfrlhf.data.errors import DataError
+
+Prompt = str | Sequence[Mapping[str, Any]]
+Completion = str | Sequence[Mapping[str, Any]]
+
+NO_ROOM = "prompt leaves no room for the completion"
+
+# canonical kind -> (completion columns, columns carried over unchanged)
+KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "pairwise": (("chosen", "rejected"), ("margin",)),
+    "listwise": (("responses",), ("scores",)),
+    "unpaired": (("completion",), ("label",)),
+    "pointwise": (("completion",), ("score",)),
+    "sft": (("completion",), ()),
+    "prompt": ((), ()),
+}
+
+
+class TokenizedPair(NamedTuple):
+    """One prompt with one completion, as token ids (``completion_ids`` ends with EOS unless cut)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    truncated: bool
+
+
+class TokenizedGroup(NamedTuple):
+    """One prompt shared by several completions (``completions_ids[k]`` is completion ``k``)."""
+
+    prompt_ids: list[int]
+    completions_ids: list[list[int]]
+    truncated: bool
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(m, Mapping) and "role" in m for m in value)
+
+
+def _check_form(value: Any, chat: bool, field: str) -> None:
+    if chat and not (_is_chat(value) and len(value) > 0):
+        raise DataError(
+            f"expected a non-empty list of chat messages (the prompt is chat), got {type(value).__name__}",
+            field=field,
+        )
+    if not chat and not isinstance(value, str):
+        raise DataError(f"expected text (the prompt is text), got {type(value).__name__}", field=field)
+
+
+def _render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation_prompt
+    )
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
+    return text
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_completion_text(
+    tokenizer: Any,
+    prompt: Sequence[Mapping[str, Any]],
+    prompt_text: str,
+    completion: Sequence[Mapping[str, Any]],
+    field: str,
+) -> str:
+    """The text the template writes for ``completion`` after the rendered prompt."""
+    full = _render(tokenizer, [*prompt, *completion], generation_prompt=False)
+    if full.startswith(prompt_text):
+        return full[len(prompt_text) :]
+    # The template does not render the prompt as a prefix of the conversation. Find where the first
+    # completion message's content starts: render it with two different one-character contents; the
+    # renderings agree up to that point.
+    first, rest = dict(completion[0]), list(completion[1:])
+    probe_a, probe_b = (
+        _render(tokenizer, [*prompt, {**first, "content": c}, *rest], generation_prompt=False) for c in "AB"
+    )
+    start = _common_prefix_length(probe_a, probe_b)
+    content = first.get("content")
+    text = full[start:]
+    if full[:start] != probe_a[:start] or (isinstance(content, str) and content.strip() not in text):
+        raise DataError(
+            "could not find where the completion starts in the rendered chat template: the rendered prompt "
+            "is not a prefix of the rendered conversation and the assistant turn could not be located",
+            field=field,
+        )
+    warnings.warn(
+        "the chat template does not render the prompt (with the generation prompt) as a prefix of the full "
+        "conversation; each completion is taken from where its content starts in the rendered conversation",
+        stacklevel=3,
+    )
+    return text
+
+
+def _end_with_single_eos(ids: list[int], eos_id: int, tokenizer: Any) -> list[int]:
+    """``ids`` ending with exactly one EOS: whitespace after the last EOS is dropped, else EOS is appended."""
+    if eos_id in ids:
+        last = len(ids) - 1 - ids[::-1].index(eos_id)
+        if tokenizer.decode(ids[last + 1 :]).strip() == "":
+            ids = ids[: last + 1]
+    while len(ids) >= 2 and ids[-1] == eos_id and ids[-2] == eos_id:
+        ids = ids[:-1]
+    if not ids or ids[-1] != eos_id:
+        ids = [*ids, eos_id]
+    return ids
+
+
+def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
+    return _render(tokenizer, prompt, generation_prompt=True) if _is_chat(prompt) else prompt  # type: ignore[arg-type,return-value]
+
+
+def tokenize_prompt_completions(
+    tokenizer: Any,
+    prompt: Prompt,
+    completions: Sequence[Completion],
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    fields: Sequence[str] | None = None,
+) -> TokenizedGroup:
+    """Tokenize one prompt once and every completion that follows it (pairwise, listwise, KL pairs).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with an EOS token (and a chat template for chat data).
+        prompt: text, or chat messages (the conversation so far).
+        completions: zero or more completions in the same form as the prompt.
+        max_length: cap on ``len(prompt_ids) + len(completion_ids)`` for every completion.
+        max_prompt_length: keep at most this many prompt tokens, from the end.
+        fields: column name of each completion, used in error messages (default ``"completion"``).
+
+    Returns:
+        :class:`TokenizedGroup`; ``truncated`` is True if the prompt or any completion was cut.
+
+    Raises:
+        DataError: a value of the wrong form, or a prompt that leaves no room for a completion token
+            (``field="prompt"``, ``reason`` = ``NO_ROOM``); ``row`` and ``source`` are left for the caller.
+
+    >>> from hfrlhf.models.tiny import build_tiny_tokenizer
+    >>> tok = build_tiny_tokenizer()
+    >>> g = tokenize_prompt_completions(tok, " The the was", [" and", " the and was"], max_length=4, max_prompt_length=2)
+    >>> tok.decode(g.prompt_ids), [tok.decode(c) for c in g.completions_ids], g.truncated
+    (' the was', [' and<|im_end|>', ' the and'], True)
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos_token; set one before tokenizing")
+    fields = list(fields) if fields is not None else ["completion"] * len(completions)
+    chat = _is_chat(prompt)
+    _check_form(prompt, chat, "prompt")
+    prompt_text = _prompt_text(tokenizer, prompt)
+    prompt_ids = _encode(tokenizer, prompt_text)
+    completions_ids = []
+    for completion, field in zip(completions, fields):
+        _check_form(completion, chat, field)
+        if chat:
+            text = _chat_completion_text(tokenizer, prompt, prompt_text, completion, field)  # type: ignore[arg-type]
+        else:
+            text = completion  # type: ignore[assignment]
+        completions_ids.append(_end_with_single_eos(_encode(tokenizer, text), eos_id, tokenizer))  # type: ignore[arg-type]
+
+    truncated = False
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+        truncated = True
+    if max_length is not None:
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            raise DataError(
+                f"the prompt has {len(prompt_ids)} tokens, which leaves no room for a completion within "
+                f"max_length={max_length}; set max_prompt_length below max_length, or drop such rows",
+                field="prompt",
+                reason=NO_ROOM,
+            )
+        if any(len(c) > room for c in completions_ids):
+            completions_ids = [c[:room] for c in completions_ids]
+            truncated = True
+    return TokenizedGroup(prompt_ids, completions_ids, truncated)
+
+
+def tokenize_prompt_completion(
+    tokenizer: Any,
+    prompt: Prompt,
+    completion: Completion,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> TokenizedPair:
+    """Tokenize one prompt and one completion (see the module docstring for the rules).
+
+    >>> from hfrlhf.models.tiny import build_tiny_tokenizer
+    >>> tok = build_tiny_tokenizer()
+    >>> pair = tokenize_prompt_completion(tok, " The was", " the and the", max_length=4)
+    >>> tok.decode(pair.prompt_ids), tok.decode(pair.completion_ids), pair.truncated
+    (' The was', ' the and', True)
+    """
+    group = tokenize_prompt_completions(
+        tokenizer, prompt, [completion], max_length=max_length, max_prompt_length=max_prompt_length
+    )
+    return TokenizedPair(group.prompt_ids, group.completions_ids[0], group.truncated)
+
+
+def detect_kind(columns: Sequence[str]) -> str:
+    """The canonical kind of a dataset from its column names.
+
+    >>> detect_kind(["prompt", "chosen", "rejected"]), detect_kind(["prompt", "completion", "label"])
+    ('pairwise', 'unpaired')
+    """
+    cols = set(columns)
+    if "prompt" not in cols:
+        raise ValueError(f"expected canonical records with a 'prompt' column, got columns {sorted(cols)}")
+    if {"chosen", "rejected"} <= cols:
+        return "pairwise"
+    if "responses" in cols:
+        return "listwise"
+    if "completion" in cols:
+        if "label" in cols:
+            return "unpaired"
+        return "pointwise" if "score" in cols else "sft"
+    return "prompt"
+
+
+def _output_features(kind: str, features: Features, passthrough: list[str]) -> Features:
+    ids = List(Value("int32"))
+    out = {name: features[name] for name in passthrough}
+    out["prompt_ids"] = ids
+    if kind == "listwise":
+        out["responses_ids"] = List(ids)
+    else:
+        for field in KINDS[kind][0]:
+            out[f"{field}_ids"] = ids
+    out["num_prompt_tokens"] = Value("int32")
+    many = kind in ("pairwise", "listwise")
+    out["num_completion_tokens"] = List(Value("int32")) if many else Value("int32")
+    out["truncated"] = Value("bool")
+    return Features(out)
+
+
+def _tokenize_rows(
+    batch: dict[str, list[Any]],
+    indices: list[int],
+    *,
+    tokenizer: Any,
+    kind: str,
+    passthrough: list[str],
+    max_length: int | None,
+    max_prompt_length: int | None,
+    drop_invalid: bool,
+    source: str,
+) -> dict[str, list[Any]]:
+    fields = KINDS[kind][0]
+    out: dict[str, list[Any]] = {name: [] for name in passthrough}
+    id_columns = ["responses_ids"] if kind == "listwise" else [f"{f}_ids" for f in fields]
+    for name in ["prompt_ids", *id_columns, "num_prompt_tokens", "num_completion_tokens", "truncated"]:
+        out[name] = []
+    for i, row_index in enumerate(indices):
+        if kind == "listwise":
+            completions = list(batch["responses"][i])
+            names = ["responses"] * len(completions)
+        else:
+            completions = [batch[f][i] for f in fields]
+            names = list(fields)
+        try:
+            group = tokenize_prompt_completions(
+                tokenizer,
+                batch["prompt"][i],
+                completions,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                fields=names,
+            )
+        except DataError as err:
+            if drop_invalid and err.reason == NO_ROOM:
+                continue
+            err.row, err.source = row_index, source
+            raise
+        for name in passthrough:
+            out[name].append(batch[name][i])
+        out["prompt_ids"].append(group.prompt_ids)
+        if kind == "listwise":
+            out["responses_ids"].append(group.completions_ids)
+        else:
+            for name, ids in zip(id_columns, group.completions_ids):
+                out[name].append(ids)
+        lengths = [len(c) for c in group.completions_ids]
+        out["num_prompt_tokens"].append(len(group.prompt_ids))
+        out["num_completion_tokens"].append(lengths if kind in ("pairwise", "listwise") else sum(lengths))
+        out["truncated"].append(group.truncated)
+    return out
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    kind: str | None = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    drop_invalid: bool = False,
+    num_proc: int | None = None,
+    source: str | None = None,
+    desc: str | None = None,
+) -> Dataset:
+    """Tokenize a dataset of canonical records into the tokenized columns of ``docs/architecture.md``.
+
+    The text columns (``prompt`` and the completions) are replaced by ``*_ids`` columns; scores, labels,
+    margins and any other column are carried over. Every kind also gets ``num_prompt_tokens``,
+    ``num_completion_tokens`` (a list for pairwise and listwise, 0 for prompt-only data) and ``truncated``.
+
+    Args:
+        dataset: canonical records of one kind (``pairwise``, ``listwise``, ``unpaired``, ``pointwise``,
+            ``sft`` or ``prompt``).
+        tokenizer: a Hugging Face tokenizer with an EOS token (and a chat template for chat data).
+        kind: the record kind; detected from the column names when None.
+        max_length: cap on prompt + completion tokens.
+        max_prompt_length: keep at most this many prompt tokens, from the end.
+        drop_invalid: drop rows whose prompt leaves no room for a completion (with a warning saying how
+            many) instead of raising.
+        num_proc: worker processes for ``Dataset.map``.
+        source: where the data came from, for error messages (default: the dataset's name, or "dataset").
+        desc: progress-bar label.
+
+    Raises:
+        DataError: naming the source, the row and the field of the first bad row.
+
+    >>> from hfrlhf.models.tiny import build_tiny_tokenizer
+    >>> rows = Dataset.from_list([{"prompt": " The", "chosen": " was", "rejected": " the and"}])
+    >>> out = tokenize_dataset(rows, build_tiny_tokenizer())
+    >>> out.column_names
+    ['prompt_ids', 'chosen_ids', 'rejected_ids', 'num_prompt_tokens', 'num_completion_tokens', 'truncated']
+    >>> out[0]["num_completion_tokens"], out[0]["truncated"]
+    ([2, 3], False)
+    """
+    kind = kind or detect_kind(dataset.column_names)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    missing = [c for c in ("prompt", *KINDS[kind][0]) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{kind} records need columns {missing}; got {dataset.column_names}")
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ValueError(
+            f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}) to leave room "
+            "for the completion"
+        )
+    source = source or dataset.info.dataset_name or "dataset"
+    text_columns = {"prompt", *KINDS[kind][0]}
+    passthrough = [c for c in dataset.column_names if c not in text_columns]
+    passthrough = [c for c in passthrough if c not in ("num_prompt_tokens", "num_completion_tokens", "truncated")]
+    before = len(dataset)
+    out = dataset.map(
+        _tokenize_rows,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "kind": kind,
+            "passthrough": passthrough,
+            "max_length": max_length,
+            "max_prompt_length": max_prompt_length,
+            "drop_invalid": drop_invalid,
+            "source": source,
+        },
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        features=_output_features(kind, dataset.features, passthrough),
+        num_proc=num_proc,
+        desc=desc or f"Tokenizing {kind} records",
+    )
+    dropped = before - len(out)
+    if dropped:
+        warnings.warn(
+            f"dropped {dropped} of {before} rows from {source}: the prompt left no room for a completion "
+            f"within max_length={max_length} (max_prompt_length={max_prompt_length})",
+            stacklevel=2,
+        )
+    return out
