@@ -7,7 +7,6 @@ from datasets import Dataset
 
 from hfrlhf.data.errors import DataError
 from hfrlhf.data.tokenize import (
-    detect_kind,
     tokenize_dataset,
     tokenize_prompt_completion,
     tokenize_prompt_completions,
@@ -180,15 +179,6 @@ def test_template_where_the_completion_cannot_be_located_raises():
 
 
 # ---------------------------------------------------------------- datasets
-
-def test_detect_kind():
-    assert detect_kind(["prompt", "chosen", "rejected", "margin"]) == "pairwise"
-    assert detect_kind(["prompt", "responses", "scores"]) == "listwise"
-    assert detect_kind(["prompt", "completion", "label"]) == "unpaired"
-    assert detect_kind(["prompt", "completion", "score"]) == "pointwise"
-    assert detect_kind(["prompt", "completion"]) == "sft"
-    assert detect_kind(["prompt"]) == "prompt"
-
 
 def test_pairwise_chat_dataset():
     rows = Dataset.from_list([

@@ -38,20 +38,21 @@ from typing import Any, NamedTuple
 from datasets import Dataset, Features, List, Value
 
 from hfrlhf.data.errors import DataError
+from hfrlhf.data.formats import record_kind
 
 Prompt = str | Sequence[Mapping[str, Any]]
 Completion = str | Sequence[Mapping[str, Any]]
 
 NO_ROOM = "prompt leaves no room for the completion"
 
-# canonical kind -> (completion columns, columns carried over unchanged)
-KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "pairwise": (("chosen", "rejected"), ("margin",)),
-    "listwise": (("responses",), ("scores",)),
-    "unpaired": (("completion",), ("label",)),
-    "pointwise": (("completion",), ("score",)),
-    "sft": (("completion",), ()),
-    "prompt": ((), ()),
+# canonical kind -> its completion columns (text replaced by token ids); other columns are carried over
+_COMPLETION_FIELDS: dict[str, tuple[str, ...]] = {
+    "pairwise": ("chosen", "rejected"),
+    "listwise": ("responses",),
+    "unpaired": ("completion",),
+    "pointwise": ("completion",),
+    "sft": ("completion",),
+    "prompt": (),
 }
 
 
@@ -249,26 +250,6 @@ def tokenize_prompt_completion(
     return TokenizedPair(group.prompt_ids, group.completions_ids[0], group.truncated)
 
 
-def detect_kind(columns: Sequence[str]) -> str:
-    """The canonical kind of a dataset from its column names.
-
-    >>> detect_kind(["prompt", "chosen", "rejected"]), detect_kind(["prompt", "completion", "label"])
-    ('pairwise', 'unpaired')
-    """
-    cols = set(columns)
-    if "prompt" not in cols:
-        raise ValueError(f"expected canonical records with a 'prompt' column, got columns {sorted(cols)}")
-    if {"chosen", "rejected"} <= cols:
-        return "pairwise"
-    if "responses" in cols:
-        return "listwise"
-    if "completion" in cols:
-        if "label" in cols:
-            return "unpaired"
-        return "pointwise" if "score" in cols else "sft"
-    return "prompt"
-
-
 def _output_features(kind: str, features: Features, passthrough: list[str]) -> Features:
     ids = List(Value("int32"))
     out = {name: features[name] for name in passthrough}
@@ -276,7 +257,7 @@ def _output_features(kind: str, features: Features, passthrough: list[str]) -> F
     if kind == "listwise":
         out["responses_ids"] = List(ids)
     else:
-        for field in KINDS[kind][0]:
+        for field in _COMPLETION_FIELDS[kind]:
             out[f"{field}_ids"] = ids
     out["num_prompt_tokens"] = Value("int32")
     many = kind in ("pairwise", "listwise")
@@ -297,7 +278,7 @@ def _tokenize_rows(
     drop_invalid: bool,
     source: str,
 ) -> dict[str, list[Any]]:
-    fields = KINDS[kind][0]
+    fields = _COMPLETION_FIELDS[kind]
     out: dict[str, list[Any]] = {name: [] for name in passthrough}
     id_columns = ["responses_ids"] if kind == "listwise" else [f"{f}_ids" for f in fields]
     for name in ["prompt_ids", *id_columns, "num_prompt_tokens", "num_completion_tokens", "truncated"]:
@@ -360,7 +341,7 @@ def tokenize_dataset(
         dataset: canonical records of one kind (``pairwise``, ``listwise``, ``unpaired``, ``pointwise``,
             ``sft`` or ``prompt``).
         tokenizer: a Hugging Face tokenizer with an EOS token (and a chat template for chat data).
-        kind: the record kind; detected from the column names when None.
+        kind: the record kind; found from the column names (``formats.record_kind``) when None.
         max_length: cap on prompt + completion tokens.
         max_prompt_length: keep at most this many prompt tokens, from the end.
         drop_invalid: drop rows whose prompt leaves no room for a completion (with a warning saying how
@@ -380,10 +361,10 @@ def tokenize_dataset(
     >>> out[0]["num_completion_tokens"], out[0]["truncated"]
     ([2, 3], False)
     """
-    kind = kind or detect_kind(dataset.column_names)
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    missing = [c for c in ("prompt", *KINDS[kind][0]) if c not in dataset.column_names]
+    kind = kind or record_kind(dataset)
+    if kind not in _COMPLETION_FIELDS:
+        raise ValueError(f"kind must be one of {sorted(_COMPLETION_FIELDS)}, got {kind!r}")
+    missing = [c for c in ("prompt", *_COMPLETION_FIELDS[kind]) if c not in dataset.column_names]
     if missing:
         raise ValueError(f"{kind} records need columns {missing}; got {dataset.column_names}")
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
@@ -392,7 +373,7 @@ def tokenize_dataset(
             "for the completion"
         )
     source = source or dataset.info.dataset_name or "dataset"
-    text_columns = {"prompt", *KINDS[kind][0]}
+    text_columns = {"prompt", *_COMPLETION_FIELDS[kind]}
     passthrough = [c for c in dataset.column_names if c not in text_columns]
     passthrough = [c for c in passthrough if c not in ("num_prompt_tokens", "num_completion_tokens", "truncated")]
     before = len(dataset)
