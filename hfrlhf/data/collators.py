@@ -47,12 +47,14 @@ class _Unit:
 
     tokens: list[int]
     positions: list[int]
+    branches: list[int]  # the sequence a token belongs to, or -1 for a prefix shared by every member
     members: list[tuple[int, list[int], list[bool]]]  # (sequence index, columns in logical order, scored)
 
 
 def _expand_unit(sequences: Sequence[Sequence[Segment]], seq_ids: list[int], share_first: bool) -> _Unit:
     tokens: list[int] = []
     positions: list[int] = []
+    branches: list[int] = []
     members: list[tuple[int, list[int], list[bool]]] = []
     prefix_cols: list[int] = []
     prefix_scored: list[bool] = []
@@ -63,6 +65,7 @@ def _expand_unit(sequences: Sequence[Sequence[Segment]], seq_ids: list[int], sha
                 raise ValueError(f"sequences {seq_ids} share a row but their first segments differ")
         tokens.extend(first)
         positions.extend(range(len(first)))
+        branches.extend([-1] * len(first))
         prefix_cols = list(range(len(first)))
         prefix_scored = [sequences[seq_ids[0]][0].scored] * len(first)
     for s in seq_ids:
@@ -73,11 +76,12 @@ def _expand_unit(sequences: Sequence[Sequence[Segment]], seq_ids: list[int], sha
             cols.extend(range(len(tokens), len(tokens) + n))
             positions.extend(range(len(scored), len(scored) + n))
             tokens.extend(int(t) for t in seg.ids)
+            branches.extend([s] * n)
             scored.extend([seg.scored] * n)
         if not cols:
             raise ValueError(f"sequence {s} has no tokens")
         members.append((s, cols, scored))
-    return _Unit(tokens, positions, members)
+    return _Unit(tokens, positions, branches, members)
 
 
 def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -173,11 +177,12 @@ def build_batch(
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
 
-    # 3. fill the rows
+    # 3. fill the rows; for the 4D mask, tag every column with its unit and branch
     input_ids = torch.full((num_rows, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((num_rows, width), dtype=torch.long)
-    four_d = layout != "padded"
-    allowed = torch.zeros((num_rows, width, width), dtype=torch.bool) if four_d else None
+    # a pad column is its own unit and branch, so it attends to itself only
+    unit_of = -1 - torch.arange(width).expand(num_rows, width).clone()
+    branch_of = torch.full((num_rows, width), -2, dtype=torch.long)
     flat_cols: list[torch.Tensor | None] = [None] * num_seqs  # flat index of each sequence's tokens
     scored_flags: list[list[bool]] = [[] for _ in range(num_seqs)]
     for r, row in enumerate(rows):
@@ -187,21 +192,23 @@ def build_batch(
             n = len(unit.tokens)
             input_ids[r, start : start + n] = torch.tensor(unit.tokens, dtype=torch.long)
             position_ids[r, start : start + n] = torch.tensor(unit.positions, dtype=torch.long)
+            unit_of[r, start : start + n] = i
+            branch_of[r, start : start + n] = torch.tensor(unit.branches, dtype=torch.long)
             for s, cols, scored in unit.members:
-                cols_t = torch.tensor(cols, dtype=torch.long) + start
-                flat_cols[s] = cols_t + r * width
+                flat_cols[s] = torch.tensor(cols, dtype=torch.long) + start + r * width
                 scored_flags[s] = scored
-                if allowed is not None:
-                    causal = torch.ones(len(cols), len(cols), dtype=torch.bool).tril()
-                    allowed[r, cols_t[:, None], cols_t[None, :]] |= causal
             start += n
 
-    if allowed is not None:
-        pad = torch.ones((num_rows, width), dtype=torch.bool)
-        for r in range(num_rows):
-            pad[r, : row_lengths[r]] = False
-        # a pad query attends to itself only: no fully masked row, hence no NaN anywhere
-        allowed |= torch.diag_embed(pad)
+    if layout != "padded":
+        # query q may see key k: same unit, k not after q, and k on q's branch or on the shared prefix.
+        # Within a unit the prefix comes first and completions follow one another, so this is causal
+        # attention to the prefix and to the own completion, never to a sibling. No row is fully masked.
+        cols = torch.arange(width)
+        allowed = (
+            (unit_of[:, :, None] == unit_of[:, None, :])
+            & (cols[None, None, :] <= cols[None, :, None])
+            & ((branch_of[:, :, None] == branch_of[:, None, :]) | (branch_of[:, None, :] == -1))
+        )  # (R, T, T) [query, key]
         attention_mask = torch.zeros((num_rows, 1, width, width), dtype=mask_dtype)
         attention_mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
     else:
