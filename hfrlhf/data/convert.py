@@ -17,13 +17,29 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from datasets import Dataset, Features, List, Value
+import pyarrow as pa
+from datasets import Dataset, DatasetInfo, Features, List, Value
+from datasets.table import InMemoryTable
 
 from hfrlhf.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 PAIR_MODES = ("all", "best_worst")
+
+
+def dataset_from_columns(columns: dict[str, list[Any]], features: Features) -> Dataset:
+    """A Dataset from Python columns with exactly ``features``, built straight through Arrow.
+
+    ``Dataset.from_dict(columns, features=...)`` encodes every example in Python first, about 15x slower
+    on message lists; the values here are already clean canonical values.
+
+    >>> features = Features({"prompt": Value("string"), "score": Value("float64")})
+    >>> dataset_from_columns({"prompt": ["a"], "score": [1]}, features)[0]
+    {'prompt': 'a', 'score': 1.0}
+    """
+    table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=features))
 
 
 def _rows(ds: Dataset, columns: Sequence[str], what: str) -> list[dict[str, Any]]:
@@ -107,7 +123,7 @@ def listwise_to_pairs(ds: Dataset, mode: str = "all", *, margin: bool = False) -
         features["margin"] = Value("float64")
     else:
         del columns["margin"]
-    return Dataset.from_dict(columns, features=Features(features))
+    return dataset_from_columns(columns, Features(features))
 
 
 def pointwise_to_listwise(ds: Dataset) -> Dataset:
@@ -144,7 +160,7 @@ def pointwise_to_listwise(ds: Dataset) -> Dataset:
             "scores": List(Value("float64")),
         }
     )
-    return Dataset.from_dict(columns, features=features)
+    return dataset_from_columns(columns, features)
 
 
 def pointwise_to_pairs(ds: Dataset, mode: str = "all", *, margin: bool = False) -> Dataset:
@@ -182,7 +198,7 @@ def pairs_to_listwise(ds: Dataset) -> Dataset:
             "scores": List(Value("float64")),
         }
     )
-    return Dataset.from_dict(columns, features=features)
+    return dataset_from_columns(columns, features)
 
 
 def unpair(ds: Dataset) -> Dataset:
@@ -204,7 +220,7 @@ def unpair(ds: Dataset) -> Dataset:
     features = Features(
         {"prompt": ds.features["prompt"], "completion": ds.features["chosen"], "label": Value("bool")}
     )
-    return Dataset.from_dict(columns, features=features)
+    return dataset_from_columns(columns, features)
 
 
 def pairs_to_sft(ds: Dataset) -> Dataset:
@@ -215,7 +231,7 @@ def pairs_to_sft(ds: Dataset) -> Dataset:
     """
     rows = _rows(ds, ("prompt", "chosen"), "pairs_to_sft")
     columns = {"prompt": [r["prompt"] for r in rows], "completion": [r["chosen"] for r in rows]}
-    return Dataset.from_dict(
+    return dataset_from_columns(
         columns, features=Features({"prompt": ds.features["prompt"], "completion": ds.features["chosen"]})
     )
 
@@ -229,6 +245,6 @@ def to_prompts(ds: Dataset) -> Dataset:
     seen: dict[Any, Any] = {}
     for r in _rows(ds, ("prompt",), "to_prompts"):
         seen.setdefault(_key(r["prompt"]), r["prompt"])
-    return Dataset.from_dict(
+    return dataset_from_columns(
         {"prompt": list(seen.values())}, features=Features({"prompt": ds.features["prompt"]})
     )

@@ -801,7 +801,7 @@ def _to_dataset(records: list[dict[str, Any]], kind: str, columns: Sequence[str]
     }  # fmt: skip
     cols = [*KINDS[kind], *(c for c in _OPTIONAL.get(kind, ()) if c in columns)]
     features = Features({c: types[c] for c in cols})
-    return Dataset.from_dict({c: [r[c] for r in records] for c in cols}, features=features)
+    return convert.dataset_from_columns({c: [r[c] for r in records] for c in cols}, features)
 
 
 def _warn_ignored(rows: _Rows, fmt: SourceFormat) -> None:
