@@ -24,10 +24,21 @@ from hfrlhf.data.convert import (
     unpair,
 )
 from hfrlhf.data.errors import DataError
-from hfrlhf.data.formats import ValidationReport, convert_kind, detect_format, load, record_kind, validate
-from hfrlhf.data.tokenize import tokenize_dataset, tokenize_prompt_completion
+from hfrlhf.data.formats import (
+    EXAMPLES_DIR,
+    FORMATS,
+    KINDS,
+    ValidationReport,
+    convert_kind,
+    detect_format,
+    load,
+    record_kind,
+    validate,
+)
+from hfrlhf.data.tokenize import tokenize_dataset, tokenize_prompt_completion, tokenize_prompt_completions
 
 __all__ = [
+    "EXAMPLES_DIR", "FORMATS", "KINDS", "tokenize_prompt_completions",
     "DataError", "ListwiseCollator", "PairwiseCollator", "PointwiseCollator", "PromptCollator", "SFTCollator",
     "UnpairedCollator", "ValidationReport", "build_batch", "convert_kind", "detect_format", "listwise_to_pairs",
     "load", "pairs_to_listwise", "pairs_to_sft", "pointwise_to_listwise", "pointwise_to_pairs", "record_kind",
