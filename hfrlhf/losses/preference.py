@@ -1,0 +1,321 @@
+"""Pairwise preference losses of the DPO family: one chosen and one rejected completion per prompt.
+
+Every loss takes the policy's (and, unless it is reference-free, the reference's) summed completion
+log-probs as a :class:`PairLogps` and returns the batch-mean loss plus detached metrics under the names
+TRL logs. With ``ref=None`` a reference-based loss uses a uniform reference (log-prob 0 for every
+completion), which is what ``reference_free=True`` means in a trainer.
+
+Notation, for pair ``i`` of a batch of ``B`` (every tensor below is ``(B,)``):
+
+    log pi(y)                      summed log-prob of a completion's tokens under the policy
+    |y|                            its number of tokens
+    h_w = log pi(y_w) - log pi_ref(y_w),  h_l = log pi(y_l) - log pi_ref(y_l)     log-ratios
+    Delta = h_w - h_l
+
+Names and defaults of the hyperparameters follow TRL 1.16 where TRL has the loss (``beta``,
+``label_smoothing`` of ``DPOConfig``; ``simpo_gamma``, ``cpo_alpha`` of the experimental ``CPOConfig``;
+ORPO's lambda is ``beta`` as in TRL's ``ORPOConfig``). Each loss function ignores keyword arguments
+it does not use, so a trainer can hand every loss the same dictionary.
+
+>>> from hfrlhf.losses import get_loss
+>>> pol = PairLogps(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([2]), torch.tensor([3]))
+>>> ref = PairLogps(torch.tensor([-5.0]), torch.tensor([-5.0]), torch.tensor([2]), torch.tensor([3]))
+>>> out = get_loss("preference", "sigmoid").fn(pol, ref, beta=0.5)
+>>> round(out.loss.item(), 4), out.metrics["rewards/margins"].item()
+(0.3133, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from hfrlhf.losses.base import LossOutput, register_loss
+
+__all__ = [
+    "PairLogps",
+    "chosen_nll",
+    "hinge_loss",
+    "ipo_loss",
+    "orpo_loss",
+    "rdpo_loss",
+    "reward_metrics",
+    "robust_loss",
+    "sigmoid_loss",
+    "simpo_loss",
+]
+
+
+class PairLogps(NamedTuple):
+    """Summed completion log-probs and token counts of chosen/rejected pairs.
+
+    Fields (each ``(B,)``): ``chosen``, ``rejected`` (summed log-probs of the completion tokens),
+    ``chosen_len``, ``rejected_len`` (number of completion tokens; any numeric dtype).
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_len: torch.Tensor
+    rejected_len: torch.Tensor
+
+    def length_normalized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean log-prob per token ``(log pi(y_w) / |y_w|, log pi(y_l) / |y_l|)``, each ``(B,)``.
+
+        Lengths are clamped to at least 1, as TRL does, so an empty completion gives 0 rather than nan.
+        """
+        return (self.chosen / self.chosen_len.clamp(min=1).to(self.chosen.dtype),
+                self.rejected / self.rejected_len.clamp(min=1).to(self.rejected.dtype))
+
+
+def _log_ratios(policy: PairLogps, ref: PairLogps | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h_w, h_l)``, each ``(B,)``; a missing reference is uniform (log-prob 0)."""
+    if ref is None:
+        return policy.chosen, policy.rejected
+    return policy.chosen - ref.chosen, policy.rejected - ref.rejected
+
+
+def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """``-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``: binary cross-entropy with soft label ``1 - eps``."""
+    loss = -F.logsigmoid(z)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    return loss
+
+
+def reward_metrics(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, policy: PairLogps
+) -> dict[str, torch.Tensor]:
+    """TRL's pairwise metrics, batch means, detached.
+
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (mean of chosen - rejected),
+    ``rewards/accuracies`` (fraction with chosen > rejected, ties count as wrong), ``logps/chosen``,
+    ``logps/rejected`` (mean summed log-probs of the policy). Inputs are ``(B,)``.
+    """
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": c.mean(),
+        "rewards/rejected": r.mean(),
+        "rewards/accuracies": (c > r).float().mean(),
+        "rewards/margins": (c - r).mean(),
+        "logps/chosen": policy.chosen.detach().mean(),
+        "logps/rejected": policy.rejected.detach().mean(),
+    }
+
+
+def _dpo_output(per_pair: torch.Tensor, h_w: torch.Tensor, h_l: torch.Tensor, policy: PairLogps, beta: float):
+    """Mean loss and metrics with DPO's implicit rewards ``beta * h``."""
+    return LossOutput(per_pair.mean(), reward_metrics(beta * h_w, beta * h_l, policy))
+
+
+def chosen_nll(policy: PairLogps, *, token_level: bool = False) -> torch.Tensor:
+    """Negative log-likelihood of the chosen completions, the SFT term a trainer adds with weight ``rpo_alpha``.
+
+    Default (per sequence, the length-normalised NLL of RPO: Pang et al., 2024, "Iterative Reasoning
+    Preference Optimization", Sec. 2)::
+
+        NLL = 1/B * sum_i  -log pi(y_w,i) / |y_w,i|
+
+    With ``token_level=True``, the mean over all chosen tokens of the batch (every token weighs the same),
+    which is the cross-entropy TRL's CPO and ORPO trainers add, and its ``sft`` loss type::
+
+        NLL = -sum_i log pi(y_w,i) / sum_i |y_w,i|
+
+    Shapes: ``policy`` fields ``(B,)``; returns a scalar ``()`` with gradient.
+
+    >>> chosen_nll(PairLogps(torch.tensor([-2.0, -9.0]), torch.tensor([0.0, 0.0]), torch.tensor([1, 3]),
+    ...                      torch.tensor([1, 1])))
+    tensor(2.5000)
+    >>> chosen_nll(PairLogps(torch.tensor([-2.0, -9.0]), torch.tensor([0.0, 0.0]), torch.tensor([1, 3]),
+    ...                      torch.tensor([1, 1])), token_level=True)
+    tensor(2.7500)
+    """
+    if token_level:
+        return -policy.chosen.sum() / policy.chosen_len.sum().clamp(min=1).to(policy.chosen.dtype)
+    return -policy.length_normalized()[0].mean()
+
+
+@register_loss("preference", "sigmoid")
+def sigmoid_loss(
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+) -> LossOutput:
+    """DPO: logistic loss on the difference of implicit rewards, optionally conservative (cDPO).
+
+    Rafailov et al., 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward
+    Model", eq. 7; label smoothing ``eps`` as in Mitchell, 2023, "A note on DPO with noisy preferences &
+    relationship to IPO" (cDPO), where a label is flipped with probability ``eps``::
+
+        L = -(1 - eps) log sigmoid(beta * Delta) - eps log sigmoid(-beta * Delta)
+
+    With ``eps = 0`` this is TRL 1.16's ``sigmoid`` loss; TRL 1.16's DPO trainer ignores
+    ``label_smoothing`` for ``sigmoid``, and its CPO trainer and earlier TRL releases use this cDPO form.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    return _dpo_output(_smoothed_logistic(beta * (h_w - h_l), label_smoothing), h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "hinge")
+def hinge_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+    """SLiC's calibration hinge on DPO's log-ratio margin, as TRL's ``hinge`` loss.
+
+    Zhao et al., 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", eq. 1, with the
+    margin ``delta = 1 / beta`` and log-ratios to the reference in place of raw log-probs::
+
+        L = max(0, 1 - beta * Delta)
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    return _dpo_output(torch.relu(1 - beta * (h_w - h_l)), h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "ipo")
+def ipo_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+    """IPO: squared regression of the per-token log-ratio margin onto ``1 / (2 tau)``, with ``tau = beta``.
+
+    Azar et al., 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    eq. 17. As in TRL 1.16 the log-ratios are averaged over each completion's tokens (a form the IPO
+    authors confirmed to TRL), so ``beta`` does not depend on completion length::
+
+        L = (h_w / |y_w| - h_l / |y_l| - 1 / (2 beta))^2
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``
+    (summed log-ratios, as TRL logs them).
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    c_len = policy.chosen_len.clamp(min=1).to(h_w.dtype)
+    r_len = policy.rejected_len.clamp(min=1).to(h_l.dtype)
+    per_pair = (h_w / c_len - h_l / r_len - 1 / (2 * beta)) ** 2
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "robust")
+def robust_loss(
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+) -> LossOutput:
+    """Robust DPO: an unbiased estimate of the DPO loss when labels are flipped with probability ``eps``.
+
+    Chowdhury et al., 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback", the
+    de-biased loss of Sec. 3::
+
+        L = ((1 - eps) * -log sigmoid(beta * Delta) - eps * -log sigmoid(-beta * Delta)) / (1 - 2 eps)
+
+    ``eps = label_smoothing`` must lie in ``[0, 0.5)``; ``eps = 0`` is DPO.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs label_smoothing in [0, 0.5), got {label_smoothing}")
+    h_w, h_l = _log_ratios(policy, ref)
+    z = beta * (h_w - h_l)
+    per_pair = ((1 - label_smoothing) * -F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (
+        1 - 2 * label_smoothing
+    )
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "rdpo")
+def rdpo_loss(
+    policy: PairLogps,
+    ref: PairLogps | None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    rdpo_alpha: float = 0.0,
+    **_,
+) -> LossOutput:
+    """R-DPO: DPO with a length penalty ``alpha |y|`` in the RL objective, so length is not learnt as quality.
+
+    Park et al., 2024, "Disentangling Length from Quality in Direct Preference Optimization", Sec. 4.
+    Maximising ``E[r(x, y) - alpha |y|] - beta KL`` makes the reward ``r = beta h + alpha |y|`` (up to a
+    prompt constant), so the Bradley-Terry logit gains ``alpha (|y_w| - |y_l|)``::
+
+        L = -log sigmoid(beta * Delta + alpha * (|y_w| - |y_l|))
+
+    (with cDPO label smoothing as in :func:`sigmoid_loss`). A pair whose chosen completion is longer gets
+    a larger logit, hence a smaller gradient: its preference is partly explained by length. ``alpha =
+    rdpo_alpha >= 0``; ``alpha = 0`` is DPO. TRL 1.16 has no R-DPO.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    length_gap = (policy.chosen_len - policy.rejected_len).to(h_w.dtype)
+    z = beta * (h_w - h_l) + rdpo_alpha * length_gap
+    return _dpo_output(_smoothed_logistic(z, label_smoothing), h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "simpo", reference_free=True)
+def simpo_loss(
+    policy: PairLogps,
+    ref: PairLogps | None = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 0.0,
+    **_,
+) -> LossOutput:
+    """SimPO: reference-free, length-normalised reward ``beta * log pi(y) / |y|`` with a target margin gamma.
+
+    Meng et al., 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6, in
+    the form of TRL's CPO trainer (``loss_type="simpo"``): cDPO label smoothing and an optional token-level
+    NLL on the chosen completions (CPO-SimPO) with weight ``cpo_alpha``::
+
+        a_w = log pi(y_w) / |y_w|,   a_l = log pi(y_l) / |y_l|,   z = beta (a_w - a_l) - gamma
+        L = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)  +  cpo_alpha * NLL_token(y_w)
+
+    ``gamma = simpo_gamma`` (TRL's default 0.5). ``cpo_alpha`` defaults to 0 here, pure SimPO; TRL's
+    ``CPOConfig`` defaults it to 1. ``ref`` is ignored. The paper's ``beta`` is typically 2 to 2.5.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns a scalar. Rewards are ``beta * a``; ``nll_loss`` is
+    logged when ``cpo_alpha != 0``.
+    """
+    a_w, a_l = policy.length_normalized()
+    per_pair = _smoothed_logistic(beta * (a_w - a_l) - simpo_gamma, label_smoothing)
+    loss = per_pair.mean()
+    metrics = reward_metrics(beta * a_w, beta * a_l, policy)
+    if cpo_alpha:
+        nll = chosen_nll(policy, token_level=True)
+        loss = loss + cpo_alpha * nll
+        metrics["nll_loss"] = nll.detach()
+    return LossOutput(loss, metrics)
+
+
+_MINUS_LN2 = -math.log(2.0)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for very negative ``x`` (Maechler, 2012)."""
+    # both branches are finite for x < 0, so torch.where cannot route a nan into the gradient
+    return torch.where(x > _MINUS_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@register_loss("preference", "orpo", reference_free=True)
+def orpo_loss(policy: PairLogps, ref: PairLogps | None = None, *, beta: float = 0.1, **_) -> LossOutput:
+    """ORPO: NLL on the chosen completion plus a log odds-ratio penalty, without a reference model.
+
+    Hong et al., 2024, "ORPO: Monolithic Preference Optimization without Reference Model", eqs. 4-7, with
+    the per-token mean log-probs ``a = log pi(y) / |y|`` as probabilities ``P = exp(a)``::
+
+        log odds(y) = a - log(1 - exp(a))
+        L = NLL_token(y_w) - lambda * mean_i log sigmoid(log odds(y_w) - log odds(y_l))
+
+    ``lambda = beta``, as TRL's ``ORPOConfig`` names it. ``NLL_token`` is the mean over all chosen
+    completion tokens of the batch (:func:`chosen_nll` with ``token_level=True``); TRL's ORPO trainer takes
+    that cross-entropy over the prompt tokens as well, which completion log-probs cannot reproduce. Computed
+    in float32. ``ref`` is ignored.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns a scalar. Rewards are ``beta * a``; also logs
+    ``nll_loss``, ``log_odds_ratio`` (mean log sigmoid term) and ``log_odds_chosen`` (mean log odds-ratio).
+    """
+    a_w, a_l = (a.float() for a in policy.length_normalized())
+    log_odds = (a_w - a_l) - (_log1mexp(a_w) - _log1mexp(a_l))
+    ratio = F.logsigmoid(log_odds)
+    nll = chosen_nll(policy, token_level=True).float()
+    metrics = reward_metrics(beta * a_w, beta * a_l, policy)
+    metrics.update(nll_loss=nll.detach(), log_odds_ratio=ratio.detach().mean(), log_odds_chosen=log_odds.detach().mean())
+    return LossOutput(nll - beta * ratio.mean(), metrics)
