@@ -105,7 +105,9 @@ def reward_metrics(
     }
 
 
-def _dpo_output(per_pair: torch.Tensor, h_w: torch.Tensor, h_l: torch.Tensor, policy: PairLogps, beta: float):
+def _dpo_output(
+    per_pair: torch.Tensor, h_w: torch.Tensor, h_l: torch.Tensor, policy: PairLogps, beta: float
+) -> LossOutput:
     """Mean loss and metrics with DPO's implicit rewards ``beta * h``."""
     return LossOutput(per_pair.mean(), reward_metrics(beta * h_w, beta * h_l, policy))
 
