@@ -3,7 +3,7 @@
 Importing this package registers every loss; trainers look them up by ``(family, loss_type)``.
 """
 
-from hfrlhf.losses import kto, ppo  # noqa: F401  (registration)
+from hfrlhf.losses import kto, listwise, ppo, preference, reward  # noqa: F401  (registration)
 from hfrlhf.losses.base import LossOutput, LossSpec, available_losses, get_loss, register_loss
 from hfrlhf.losses.kto import (
     apo_zero_unpaired_loss,
@@ -11,12 +11,15 @@ from hfrlhf.losses.kto import (
     kto_loss,
     kto_reference_point,
 )
+from hfrlhf.losses.listwise import ListLogps, best_response_nll
+from hfrlhf.losses.metrics import kendall_tau, ndcg, pairwise_accuracy
 from hfrlhf.losses.ppo import policy_loss, value_loss
+from hfrlhf.losses.preference import PairLogps, chosen_nll
+from hfrlhf.losses.reward import all_pairs, bradley_terry, mse, plackett_luce
 
-try:  # being written in parallel; registered when present
-    from hfrlhf.losses import listwise, preference, reward  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
-
-__all__ = ["LossOutput", "LossSpec", "available_losses", "apo_zero_unpaired_loss", "desirable_undesirable_warning",
-           "get_loss", "kto_loss", "kto_reference_point", "policy_loss", "register_loss", "value_loss"]
+__all__ = [
+    "ListLogps", "LossOutput", "LossSpec", "PairLogps", "all_pairs", "apo_zero_unpaired_loss", "available_losses",
+    "best_response_nll", "bradley_terry", "chosen_nll", "desirable_undesirable_warning", "get_loss", "kendall_tau",
+    "kto_loss", "kto_reference_point", "mse", "ndcg", "pairwise_accuracy", "plackett_luce", "policy_loss",
+    "register_loss", "value_loss",
+]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -37,7 +38,9 @@ def register_loss(
 
     def wrap(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         key = (family, name)
-        if key in _REGISTRY:
+        known = _REGISTRY.get(key)
+        # the same function registered again (a module imported twice, e.g. by doctest) is fine; a clash is not
+        if known is not None and known.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"loss {name!r} is already registered in family {family!r}")
         _REGISTRY[key] = LossSpec(name, fn, family, reference_free, listwise, tuple(needs))
         return fn

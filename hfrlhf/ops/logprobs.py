@@ -152,10 +152,9 @@ def batch_logprobs(
     token_logps = linear_logprob(flat[batch["pred_index"]], head.weight, targets, chunk_size=chunk_size, temperature=temperature)
     num_seq = batch["last_index"].shape[0]
     seq = batch["target_seq"]
-    seq_logps = torch.zeros(num_seq, dtype=torch.float32, device=flat.device).index_add(0, seq, token_logps)
-    seq_lens = torch.zeros(num_seq, dtype=torch.float32, device=flat.device).index_add(
-        0, seq, torch.ones_like(token_logps)
-    )
+    acc = token_logps.dtype  # float32, or float64 for a float64 model
+    seq_logps = torch.zeros(num_seq, dtype=acc, device=flat.device).index_add(0, seq, token_logps)
+    seq_lens = torch.zeros(num_seq, dtype=acc, device=flat.device).index_add(0, seq, torch.ones_like(token_logps))
     last_hidden = flat[batch["last_index"]] if return_last_hidden else None
     return SequenceLogprobs(token_logps, seq_logps, seq_lens, last_hidden)
 

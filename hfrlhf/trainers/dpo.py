@@ -57,6 +57,7 @@ class DPOConfig(HfrlhfConfig):
         default=None, metadata={"help": "Weight of an NLL term on the chosen completions, added to any loss (RPO)."}
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+    cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of the NLL term SimPO/CPO add on chosen."})
     rdpo_alpha: float = field(default=0.0, metadata={"help": "R-DPO length penalty on the margin (|y_w| - |y_l|)."})
     loss_kwargs: dict[str, Any] | None = field(
         default=None, metadata={"help": "Extra keyword arguments for the loss function (by name)."}
@@ -99,7 +100,7 @@ class DPOConfig(HfrlhfConfig):
     def hyperparameters(self) -> dict[str, Any]:
         """Keyword arguments handed to every loss function (each ignores what it does not use)."""
         return {"beta": self.beta, "label_smoothing": self.label_smoothing, "simpo_gamma": self.simpo_gamma,
-                "rdpo_alpha": self.rdpo_alpha, **(self.loss_kwargs or {})}
+                "rdpo_alpha": self.rdpo_alpha, "cpo_alpha": self.cpo_alpha, **(self.loss_kwargs or {})}
 
 
 def _pairwise_ref_sequences(batch: dict[str, torch.Tensor], per_row: Sequence[Sequence[float]]) -> torch.Tensor:
