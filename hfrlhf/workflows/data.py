@@ -1,0 +1,69 @@
+"""The data step of every workflow: read the source, hold out an evaluation set, convert to the needed kind.
+
+With no ``dataset_name`` a workflow trains on the example file shipped inside the package
+(:data:`DEMO_PAIRWISE`), converted to what the method takes: chosen answers for SFT, pairs for reward
+models and DPO, thumbs-up/down rows for KTO, prompts for PPO.
+
+>>> from hfrlhf.workflows.args import ScriptArguments
+>>> train, held_out = load_splits(ScriptArguments(eval_fraction=0.25), kind="unpaired", seed=0)
+>>> train.column_names, len(train), len(held_out)
+(['prompt', 'completion', 'label'], 96, 32)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from datasets import Dataset
+
+from hfrlhf.data.formats import EXAMPLES_DIR, convert_kind, load
+from hfrlhf.workflows.args import ScriptArguments
+
+__all__ = ["DEMO_PAIRWISE", "load_splits", "describe_source"]
+
+logger = logging.getLogger(__name__)
+
+DEMO_PAIRWISE = EXAMPLES_DIR / "demo_pairwise.jsonl"
+"""The preference pairs shipped with hfrlhf: the default data of every workflow."""
+
+
+def describe_source(script_args: ScriptArguments) -> str:
+    """A short name for the training data (a file's name, or the Hub dataset id)."""
+    source = script_args.dataset_name
+    if source is None:
+        return DEMO_PAIRWISE.name
+    path = Path(source)
+    return path.name if path.exists() else source
+
+
+def load_splits(script_args: ScriptArguments, *, kind: str | None, seed: int = 42
+                ) -> tuple[Dataset, Dataset | None]:
+    """Canonical records to train and evaluate on.
+
+    Args:
+        script_args: ``dataset_name`` (default: :data:`DEMO_PAIRWISE`), ``dataset_format``, the splits and
+            ``eval_fraction``.
+        kind: the canonical kind the trainer takes (``"pairwise"``, ``"unpaired"``, ...), or None to keep
+            what the data is (trainers that accept several kinds).
+        seed: seed of the held-out split, so the same rows are held out on every run and every process.
+
+    The held-out rows are chosen before any conversion, so e.g. the two halves of a pair never end up on
+    both sides when pairs are turned into KTO rows.
+    """
+    source = script_args.dataset_name or str(DEMO_PAIRWISE)
+    train = load(source, script_args.dataset_format, split=script_args.dataset_train_split)
+    held_out = None
+    if script_args.dataset_test_split:
+        held_out = load(source, script_args.dataset_format, split=script_args.dataset_test_split)
+    elif script_args.eval_fraction > 0:
+        if len(train) < 2:
+            raise ValueError(f"{source}: {len(train)} row(s) cannot be split for evaluation; set eval_fraction=0")
+        parts = train.train_test_split(test_size=script_args.eval_fraction, seed=seed, shuffle=True)
+        train, held_out = parts["train"], parts["test"]
+    if kind is not None:
+        train = convert_kind(train, kind)
+        held_out = convert_kind(held_out, kind) if held_out is not None else None
+    logger.info("data: %d training rows%s from %s", len(train),
+                f", {len(held_out)} held out" if held_out is not None else "", source)
+    return train, held_out
