@@ -288,3 +288,42 @@ def test_deepspeed_json_has_only_known_keys(path):
     assert plugin.zero_stage == zero["stage"]
     referenced = [p for p in ACCELERATE if path.name in p.read_text()]
     assert referenced, f"no launch config uses {path.name}"
+
+
+# --- the stages chain: the reward recipe's output is PPO's reward model ----------------------------------
+def test_ppo_trains_against_the_reward_recipes_lora_reward_model(tiny_model_dir, tmp_path):
+    if not (RECIPES / "reward_llama.py").is_file():
+        pytest.skip("no reward recipe")
+    reward_dir = tmp_path / "reward"
+    run_recipe("reward", ["--config", str(CONFIGS / "reward_llama.yaml"), *tiny_flags(tiny_model_dir, reward_dir),
+                          "--eval_fraction", "0"])
+    assert (reward_dir / "adapter_config.json").is_file()
+
+    out = tmp_path / "ppo"
+    run_recipe("ppo", ["--config", str(CONFIGS / "ppo_llama.yaml"), *tiny_flags(tiny_model_dir, out),
+                       "--reward_model_path", str(reward_dir), "--response_length", "8"])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    scores = [e["objective/scores"] for e in history if "objective/scores" in e]
+    assert scores and all(s == s for s in scores)
+
+
+def test_ppo_reward_model_is_the_trained_one(tiny_model_dir, tmp_path):
+    """A LoRA reward folder loads as base + adapter merged, score head included: same rewards as PeftModel."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from hfrlhf.models.loading import ModelArguments
+    from hfrlhf.workflows.ppo import load_reward
+
+    if not (RECIPES / "reward_llama.py").is_file():
+        pytest.skip("no reward recipe")
+    reward_dir = tmp_path / "reward"
+    run_recipe("reward", ["--config", str(CONFIGS / "reward_llama.yaml"), *tiny_flags(tiny_model_dir, reward_dir),
+                          "--eval_fraction", "0", "--learning_rate", "1e-2"])
+    merged, _ = load_reward(str(reward_dir), ModelArguments(model_name_or_path=tiny_model_dir))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    base.config.pad_token_id = merged.config.pad_token_id
+    reference = PeftModel.from_pretrained(base, str(reward_dir)).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(ids).logits, reference(ids).logits, atol=1e-5)

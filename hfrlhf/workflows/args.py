@@ -88,8 +88,15 @@ class ArgumentParser(HfArgumentParser):
     """``HfArgumentParser`` that also reads ``--config FILE.yaml`` (values there are defaults; flags win).
 
     Unknown keys in the file are an error that names the closest known argument, so a typo never silently
-    leaves a default in place.
+    leaves a default in place. A field that several dataclasses share (``trust_remote_code`` in a config
+    and in ``ModelArguments``) is one flag whose value goes to each of them.
     """
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        if f"--{field.name}" in parser._option_string_actions:
+            return  # declared by an earlier dataclass: one flag feeds both
+        HfArgumentParser._parse_dataclass_field(parser, field)
 
     def __init__(self, dataclass_types: Sequence[type] | type, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -133,7 +140,7 @@ class ArgumentParser(HfArgumentParser):
         known, _ = pre.parse_known_args(argv)
         if known.config:
             self.apply_config(load_yaml(known.config), source=known.config)
-        *outputs, remaining = self.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        namespace, remaining = self.parse_known_args(argv)
         if remaining:
             flags = sorted({o for a in self._actions for o in a.option_strings})
             hints = []
@@ -141,7 +148,11 @@ class ArgumentParser(HfArgumentParser):
                 close = difflib.get_close_matches(item, flags, n=1) if item.startswith("--") else []
                 hints.append(item + (f" (did you mean {close[0]}?)" if close else ""))
             self.error(f"unrecognized arguments: {' '.join(hints)}")
-        return tuple(o for o in outputs if dataclasses.is_dataclass(o))
+        outputs = []
+        for dtype in self.dataclass_types:
+            names = [f.name for f in dataclasses.fields(dtype) if f.init and hasattr(namespace, f.name)]
+            outputs.append(dtype(**{name: getattr(namespace, name) for name in names}))
+        return tuple(outputs)
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ and returns one float per completion, higher is better.
 
 >>> scores = vader_sentiment(["Review the film."] * 2, ["I loved it, wonderful!", "Boring and awful."])
 >>> [round(s, 2) for s in scores]
-[0.84, -0.57]
+[0.84, -0.65]
 """
 
 from __future__ import annotations
