@@ -70,6 +70,7 @@ def plot_log_history(history: Sequence[dict[str, Any]], path: str | os.PathLike[
 
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure  # a Figure without pyplot keeps no global state between runs
+    from matplotlib.ticker import MaxNLocator
 
     found = panels(history)
     fig = Figure(figsize=(4.0 * max(1, len(found)), 3.2), dpi=100, layout="constrained")
@@ -86,6 +87,7 @@ def plot_log_history(history: Sequence[dict[str, Any]], path: str | os.PathLike[
                     linestyle="--" if label == "eval" else "-")
         ax.set_title(name)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend()

@@ -78,6 +78,8 @@ def test_recipe_runs_two_steps_on_the_tiny_model(method, tiny_model_dir, tmp_pat
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert any("loss" in e for e in state["log_history"])
+    first = state["log_history"][0]  # the configs hold out data: the evaluation before training is kept at step 0
+    assert first["step"] == 0 and any(k.startswith("eval_") for k in first)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()  # LoRA: the adapter only
     assert (out / "tokenizer.json").is_file()

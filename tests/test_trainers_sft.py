@@ -107,6 +107,10 @@ def test_packed_layout_gives_the_padded_loss(tmp_path, tok, data):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+def test_packing_is_trls_name_for_the_packed_layout(tmp_path):
+    assert _args(tmp_path, packing=True).layout == "packed"
+
+
 def test_shared_prompt_layout_is_refused(tmp_path):
     with pytest.raises(ValueError, match="shared"):
         _args(tmp_path, layout="shared_prompt")

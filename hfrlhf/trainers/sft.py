@@ -47,8 +47,14 @@ class SFTConfig(HfrlhfConfig):
         metadata={"help": "Train on completion tokens only (prompt tokens masked). False: every token but the first."},
     )
     disable_dropout: bool = field(default=False, metadata={"help": "Turn dropout off in the model."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "TRL's name for layout='packed': several records per row, isolated by a block mask."},
+    )
 
     def __post_init__(self) -> None:
+        if self.packing:
+            self.layout = "packed"
         if self.layout not in SFTCollator.allowed_layouts:
             raise ValueError(f"SFT supports layouts {SFTCollator.allowed_layouts}, got {self.layout!r} "
                              "(one completion per prompt: a shared prompt saves nothing)")

@@ -18,7 +18,6 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,16 +229,16 @@ def finish(
     data_name: str | None = None,
     reward_model: bool = False,
     started: float | None = None,
-    save: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Save, evaluate, plot, merge and push after ``trainer.train()``; print the summary on the main process.
 
-    Args:
-        save: how to save the trained weights into a folder (default ``trainer.save_model``); trainers
-            holding several models (PPO's policy and critic) pass their own.
+    ``trainer.save_model`` writes the adapter only under LoRA (PPO: the policy adapter, its critic in
+    ``critic/``); the card, plot, merged model and push follow on the main process.
     """
     out = training_args.output_dir
-    (save or trainer.save_model)(out)
+    trainer.save_model(out)
+    if metrics_before:  # train() starts a fresh log history: keep the evaluation before it, at step 0
+        trainer.state.log_history.insert(0, {**metrics_before, "epoch": 0.0, "step": 0})
     trainer.save_state()
     adapter = os.path.isfile(os.path.join(out, "adapter_config.json"))
     result = RunResult(output_dir=out, adapter=adapter, metrics_before=metrics_before,
