@@ -329,3 +329,27 @@ def test_ppo_reward_model_is_the_trained_one(tiny_model_dir, tmp_path):
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     with torch.no_grad():
         assert torch.allclose(merged.eval()(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+# --- logging -----------------------------------------------------------------------------------------------
+def test_report_to_tensorboard_writes_event_files(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    run_recipe("sft", ["--config", str(CONFIGS / "sft_llama.yaml"), *tiny_flags(tiny_model_dir, out),
+                       "--report_to", "tensorboard", "--eval_fraction", "0"])
+    assert list(out.rglob("events.out.tfevents.*"))
+
+
+def test_tensorboard_is_dropped_with_a_warning_when_missing(monkeypatch, tmp_path):
+    import importlib.util
+
+    from hfrlhf.trainers.sft import SFTConfig
+    from hfrlhf.workflows import steps
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    args = SFTConfig(output_dir=str(tmp_path), report_to=["tensorboard"], bf16=False)
+    with pytest.warns(UserWarning, match="tensorboard"):
+        steps.prepare(args)
+    assert args.report_to == []

@@ -306,7 +306,7 @@ def print_summary(method: str, result: RunResult, *, eval_rows: int = 0) -> None
     lines = ["", f"== hfrlhf {method}: done" + (f" in {minutes}m {seconds:02d}s" if result.seconds else "") + " =="]
     if result.metrics_after:
         before = result.metrics_before or {}
-        lines.append(f"held-out set ({eval_rows} rows)" if eval_rows else "held-out set")
+        lines.append(f"held-out set ({eval_rows} rows never trained on)" if eval_rows else "held-out set")
         lines.append(f"  {'metric':<28}{'before':>10}{'after':>10}" if before else f"  {'metric':<28}{'after':>10}")
         for key in _ordered(result.metrics_after, "eval_"):
             after = result.metrics_after[key]
