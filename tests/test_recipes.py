@@ -353,3 +353,19 @@ def test_tensorboard_is_dropped_with_a_warning_when_missing(monkeypatch, tmp_pat
     with pytest.warns(UserWarning, match="tensorboard"):
         steps.prepare(args)
     assert args.report_to == []
+
+
+# --- QLoRA ---------------------------------------------------------------------------------------------------
+def test_qlora_run_merges_into_unquantized_weights(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model_dir = tmp_path / "tiny64"
+    tok = build_tiny_tokenizer()
+    build_tiny_llama(tok, hidden_size=64).save_pretrained(model_dir)  # 4-bit blocks need a wider layer
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "qlora"
+    run_recipe("dpo", ["--config", str(CONFIGS / "dpo_llama.yaml"), *tiny_flags(str(model_dir), out),
+                       "--load_in_4bit", "--eval_fraction", "0", "--merge_adapter"])
+    assert "- qlora" in (out / "README.md").read_text()
+    config = json.loads((out / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (out / "merged" / "model.safetensors").is_file()

@@ -49,7 +49,7 @@ MERGED_DIR = "merged"
 _TIMING = ("runtime", "samples_per_second", "steps_per_second", "epoch", "total_flos", "preparation_time")
 # the metrics a summary shows first, by suffix (train names; eval_ is prepended for held-out metrics)
 _KEY_METRICS = ("rewards/accuracies", "accuracy", "rewards/margins", "margin", "loss", "kl", "objective/kl",
-                "objective/scores", "rewards/chosen", "rewards/rejected")
+                "objective/scores", "lengths/mean", "eos_rate", "rewards/chosen", "rewards/rejected")
 
 
 @dataclass
@@ -83,11 +83,11 @@ def prepare(training_args: TrainingArguments) -> HubTarget | None:
     ``report_to`` is honoured as given, except that ``tensorboard`` is dropped with a warning when the
     package is not installed. Returns the push target when ``--push_to_hub`` was given.
     """
+    # hfrlhf's own messages at INFO on the main process; other libraries keep their usual WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if training_args.should_log else logging.WARNING)
-    level = training_args.get_process_log_level()
-    transformers.utils.logging.set_verbosity(level)
-    logger.setLevel(level if training_args.log_level != "passive" else logging.INFO)
+                        level=logging.WARNING)
+    logging.getLogger("hfrlhf").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
 
     reporters = list(training_args.report_to or [])
@@ -251,7 +251,8 @@ def finish(
         if script_args.plot:
             title = f"hfrlhf {method}: {Path(model_args.model_name_or_path).name}"
             result.plot = str(plot_log_history(trainer.state.log_history, os.path.join(out, PLOT_NAME), title=title))
-        dataset_id = script_args.dataset_name if script_args.dataset_name and not os.path.exists(script_args.dataset_name) else None
+        name = script_args.dataset_name
+        dataset_id = name if name and not os.path.exists(name) else None  # a Hub id, not a local file
         card = ModelCard(
             method=method,
             base_model=base_model_id(model_args.model_name_or_path, script_args.base_model_id),
