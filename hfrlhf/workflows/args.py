@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,9 +105,9 @@ class ArgumentParser(HfArgumentParser):
         for dtype in self.dataclass_types:
             if "config" in {f.name for f in dataclasses.fields(dtype)}:
                 raise ValueError(f"{dtype.__name__} has a field named 'config', which --config reserves")
-        for action in self._actions:  # argparse %-formats help texts: a literal "30%" would break --help
-            if action.help and "%" in action.help and "%(" not in action.help:
-                action.help = action.help.replace("%", "%%")
+        for action in self._actions:  # argparse %-formats help texts: a lone "30%" would break --help
+            if action.help:
+                action.help = re.sub(r"%%|%(?!\()", "%%", action.help)  # "%%" stays, a lone "%" doubles
         self.add_argument("--config", default=None, metavar="FILE.yaml",
                           help="YAML file of argument values; command-line flags override them.")
 
