@@ -4,7 +4,7 @@ Offline on CPU, the bundled SmolLM2-135M-Instruct with LoRA on the pairs shipped
 
     python recipes/dpo_llama.py --config recipes/configs/dpo_llama.yaml
 
-The short demo (about 3 minutes on 2 CPU cores; prints held-out reward accuracy before vs after):
+The short demo (under 2 minutes on 2 idle CPU cores; prints held-out reward accuracy before vs after):
 
     python recipes/dpo_llama.py --config recipes/configs/demo_dpo.yaml
 
