@@ -35,6 +35,7 @@ __all__ = [
     "load_bundled",
     "get_peft_config",
     "get_quantization_config",
+    "bf16_supported",
     "score_head",
 ]
 
@@ -76,7 +77,10 @@ class ModelArguments:
     load_in_8bit: bool = field(default=False, metadata={"help": "Quantize the base weights to 8 bits."})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4.",
                                                               "choices": ["nf4", "fp4"]})
-    bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "dtype of 4-bit matmuls."})
+    bnb_4bit_compute_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of 4-bit matmuls; 'auto' is bfloat16 where the device runs it fast, else float32."},
+    )
     use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Quantize the 4-bit scales too."})
 
     def __post_init__(self) -> None:
@@ -102,13 +106,32 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)} or 'auto'") from None
 
 
+def bf16_supported() -> bool:
+    """True where bf16 matmuls are fast: a GPU with bf16, or a CPU with bf16 units (AVX512-BF16 or AMX).
+
+    On CPUs without them (AVX2 only) torch still runs bf16, but hundreds of times slower than fp32.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _compute_dtype(name: str) -> torch.dtype | str | None:
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported() else torch.float32
+    return _dtype(name)
+
+
 def get_quantization_config(args: ModelArguments) -> BitsAndBytesConfig | None:
     """A bitsandbytes config for 4- or 8-bit loading, or None."""
     if args.load_in_4bit:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=_dtype(args.bnb_4bit_compute_dtype),
+            bnb_4bit_compute_dtype=_compute_dtype(args.bnb_4bit_compute_dtype),
             bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
             bnb_4bit_quant_storage=torch.uint8,
         )

@@ -16,6 +16,8 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from hfrlhf.models.loading import bf16_supported
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,7 +69,7 @@ class HfrlhfConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         if self.bf16 is None:
-            self.bf16 = not self.fp16 and _bf16_supported()
+            self.bf16 = not self.fp16 and bf16_supported()
         if self.bf16 and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
             self.use_cpu = True  # TrainingArguments accepts bf16 without a GPU only with use_cpu
         if self.max_length is not None and self.max_length < 2:
@@ -80,15 +82,6 @@ class HfrlhfConfig(TrainingArguments):
         if self.nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"nonfinite_loss must be 'skip' or 'raise', got {self.nonfinite_loss!r}")
         super().__post_init__()
-
-
-def _bf16_supported() -> bool:
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:  # CPU: autocast to bf16 works everywhere torch builds it; it is fast where the ISA has bf16 units
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def prepare_dataset(
