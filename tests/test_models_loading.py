@@ -5,7 +5,13 @@ import torch
 
 from hfrlhf.models import bundled
 from hfrlhf.models.bundled import BundledModelMissing, is_bundled_name
-from hfrlhf.models.loading import ModelArguments, get_peft_config, get_quantization_config, resolve_model_path
+from hfrlhf.models.loading import (
+    ModelArguments,
+    bf16_supported,
+    get_peft_config,
+    get_quantization_config,
+    resolve_model_path,
+)
 
 
 def test_bundled_names_are_recognised_and_others_pass_through():
@@ -32,7 +38,10 @@ def test_model_arguments_validate_combinations():
     with pytest.raises(ValueError, match="not both"):
         ModelArguments(load_in_4bit=True, load_in_8bit=True, use_peft=True)
     q = get_quantization_config(ModelArguments(load_in_4bit=True, use_peft=True, bnb_4bit_quant_type="fp4"))
-    assert q.load_in_4bit and q.bnb_4bit_quant_type == "fp4" and q.bnb_4bit_compute_dtype == torch.bfloat16
+    auto = torch.bfloat16 if bf16_supported() else torch.float32  # 'auto': bf16 only where it is fast
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "fp4" and q.bnb_4bit_compute_dtype == auto
+    forced = ModelArguments(load_in_4bit=True, use_peft=True, bnb_4bit_compute_dtype="bfloat16")
+    assert get_quantization_config(forced).bnb_4bit_compute_dtype == torch.bfloat16
     assert get_peft_config(ModelArguments()) is None
     cls = get_peft_config(ModelArguments(use_peft=True, lora_r=4), task_type="SEQ_CLS")
     assert cls.r == 4 and "score" in cls.modules_to_save
