@@ -160,20 +160,140 @@ def test_chosen_nll_by_hand():
     assert chosen_nll(empty).item() == 0.0  # an empty completion gives 0, not nan
 
 
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_sigmoid_norm_by_hand():
+    beta, eps = 0.5, 0.1
+    # per-token log-ratio margins: 1/2 - 0/1 and -1/3 - (-1/4)
+    z = [beta * 0.5, beta * (-1 / 3 + 1 / 4)]
+    out = loss_fn("sigmoid_norm")(POL, REF, beta=beta)
+    assert out.loss.item() == pytest.approx(mean([-logsig(x) for x in z]), abs=1e-12)
+    out = loss_fn("sigmoid_norm")(POL, REF, beta=beta, label_smoothing=eps)
+    assert out.loss.item() == pytest.approx(mean([-(1 - eps) * logsig(x) - eps * logsig(-x) for x in z]), abs=1e-12)
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(beta * mean(H_W))  # summed, as TRL logs them
+
+
+def test_exo_pair_is_kl_to_smoothed_label_by_hand():
+    beta, eps = 0.5, 0.1
+    want = []
+    for w, lo in zip(H_W, H_L):
+        q = sig(beta * (w - lo))
+        want.append(q * math.log(q / (1 - eps)) + (1 - q) * math.log((1 - q) / eps))
+    out = loss_fn("exo_pair")(POL, REF, beta=beta, label_smoothing=eps)
+    assert out.loss.item() == pytest.approx(mean(want), abs=1e-12)
+    # KL is zero exactly when the model's preference equals the target: beta * Delta = log((1 - eps) / eps)
+    target = math.log((1 - eps) / eps)
+    at_target = loss_fn("exo_pair")(pairs([target], [0.0], [1], [1]), None, beta=1.0, label_smoothing=eps)
+    assert at_target.loss.item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        loss_fn("exo_pair")(POL, REF, label_smoothing=0.0)
+
+
+def test_exo_pair_pushes_back_past_the_target():
+    """Mode-seeking: beyond q_w = 1 - eps the loss rises again, so the chosen log-prob gets a positive gradient."""
+    eps = 0.1
+    far = pairs([10.0], [0.0], [1], [1])
+    far.chosen.requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_fn("exo_pair")(far, None, beta=1.0, label_smoothing=eps).loss, far.chosen)
+    assert g.item() > 0
+    (g_dpo,) = torch.autograd.grad(loss_fn("sigmoid")(far, None, beta=1.0).loss, far.chosen)
+    assert g_dpo.item() < 0
+
+
+def test_nca_and_bco_pair_by_hand():
+    beta = 0.5
+    r_w, r_l = [beta * w for w in H_W], [beta * lo for lo in H_L]
+    nca = mean([-logsig(a) - 0.5 * logsig(-a) - 0.5 * logsig(-b) for a, b in zip(r_w, r_l)])
+    bco = mean([-logsig(a) - logsig(-b) for a, b in zip(r_w, r_l)])
+    assert loss_fn("nca_pair")(POL, REF, beta=beta).loss.item() == pytest.approx(nca, abs=1e-12)
+    assert loss_fn("bco_pair")(POL, REF, beta=beta).loss.item() == pytest.approx(bco, abs=1e-12)
+
+
+def test_sppo_hard_by_hand():
+    # beta = 0.5: targets +-1/(2 beta) = +-1; pair 0: (1-1)^2 + (0+1)^2 = 1, pair 1: (-1-1)^2 + (-1+1)^2 = 4
+    assert loss_fn("sppo_hard")(POL, REF, beta=0.5).loss.item() == pytest.approx(2.5, abs=1e-12)
+
+
+def test_apo_zero_and_down_by_hand():
+    beta = 0.5
+    zero = mean([(1 - sig(beta * w)) + sig(beta * lo) for w, lo in zip(H_W, H_L)])
+    down = mean([sig(beta * w) + (1 - sig(beta * (w - lo))) for w, lo in zip(H_W, H_L)])
+    assert loss_fn("apo_zero")(POL, REF, beta=beta).loss.item() == pytest.approx(zero, abs=1e-12)
+    assert loss_fn("apo_down")(POL, REF, beta=beta).loss.item() == pytest.approx(down, abs=1e-12)
+    # the anchors: once the margin is there, apo_zero still raises the chosen log-prob, apo_down lowers it
+    # (d/dh_w: -b s'(b h_w) against b s'(b h_w) - b s'(b Delta), with s'(-1.5) = 0.149 > s'(3) = 0.045)
+    pol = pairs([-3.0], [-9.0], [1], [1])
+    pol.chosen.requires_grad_(True)
+    (g_zero,) = torch.autograd.grad(loss_fn("apo_zero")(pol, None, beta=beta).loss, pol.chosen)
+    (g_down,) = torch.autograd.grad(loss_fn("apo_down")(pol, None, beta=beta).loss, pol.chosen)
+    assert g_zero.item() < 0 < g_down.item()
+
+
+def test_discopop_by_hand_and_finite_for_large_negative_margins():
+    beta, tau = 0.5, 0.05
+    want = []
+    for w, lo in zip(H_W, H_L):
+        z = beta * (w - lo)
+        m = sig(z / tau)
+        want.append(-logsig(z) * (1 - m) + math.exp(-z) * m)
+    out = loss_fn("discopop")(POL, REF, beta=beta, discopop_tau=tau)
+    assert out.loss.item() == pytest.approx(mean(want), abs=1e-12)
+    # float32, margin -100: exp(100) alone overflows float32; the blended term is exp(-1900), i.e. 0
+    pol = pairs([-100.0], [0.0], [1], [1], dtype=torch.float32)
+    pol.chosen.requires_grad_(True)
+    out = loss_fn("discopop")(pol, None, beta=1.0, discopop_tau=tau)
+    (g,) = torch.autograd.grad(out.loss, pol.chosen)
+    assert out.loss.item() == pytest.approx(100.0, rel=1e-6)  # -log sigmoid(-100) = 100 + log(1 + e^-100)
+    assert torch.isfinite(g).all() and g.item() == pytest.approx(-1.0, rel=1e-6)
+
+
+def test_aot_sorts_margins_across_the_batch_by_hand():
+    beta, eps = 0.5, 0.1
+    # policy margins u = (2, -1, 0), reference margins v = (0, 1, -3): sorted, d = (-1, 0, 2) - (-3, 0, 1)
+    pol = pairs([0.0, -1.0, -4.0], [-2.0, 0.0, -4.0], [1, 1, 1], [1, 1, 1])
+    ref = pairs([0.0, -1.0, -5.0], [0.0, -2.0, -2.0], [1, 1, 1], [1, 1, 1])
+    d = [2.0, 0.0, 1.0]
+    want = mean([-(1 - eps) * logsig(beta * x) - eps * logsig(-beta * x) for x in d])
+    out = loss_fn("aot")(pol, ref, beta=beta, label_smoothing=eps)
+    assert out.loss.item() == pytest.approx(want, abs=1e-12)
+    # matched pair by pair instead (2, -2, 3), the loss would differ: sorting is the point
+    unsorted = mean([-(1 - eps) * logsig(beta * x) - eps * logsig(-beta * x) for x in (2.0, -2.0, 3.0)])
+    assert abs(out.loss.item() - unsorted) > 1e-2
+
+
+def test_aot_unpaired_by_hand():
+    beta = 0.5
+    # sort(h_w) = (-1, 1), sort(h_l) = (-1, 0): d = (0, 1)
+    want = mean([-logsig(0.0), -logsig(beta * 1.0)])
+    assert loss_fn("aot_unpaired")(POL, REF, beta=beta).loss.item() == pytest.approx(want, abs=1e-12)
+
+
+def test_sft_loss_is_token_level_chosen_nll():
+    out = loss_fn("sft")(POL, REF, beta=0.5)
+    assert out.loss.item() == pytest.approx((4 + 6) / (2 + 3))
+    assert out.metrics["nll_loss"].item() == pytest.approx(2.0)
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(0.5 * mean(H_W))
+    assert get_loss("preference", "sft").reference_free
+
+
 def test_no_reference_means_uniform_reference():
     zeros = PairLogps(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), POL.chosen_len,
                       POL.rejected_len)
-    for name in ["sigmoid", "hinge", "ipo", "robust", "rdpo"]:
+    for name in ["sigmoid", "hinge", "ipo", "robust", "rdpo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+                 "sppo_hard", "apo_zero", "apo_down", "discopop", "aot", "aot_unpaired"]:
         a = loss_fn(name)(POL, None, beta=0.3, label_smoothing=0.1, rdpo_alpha=0.1)
         b = loss_fn(name)(POL, zeros, beta=0.3, label_smoothing=0.1, rdpo_alpha=0.1)
         assert a.loss.item() == pytest.approx(b.loss.item()), name
 
 
 def test_registry_flags_and_unknown_keywords():
-    for name in ["sigmoid", "hinge", "ipo", "robust", "rdpo"]:
+    for name in ["sigmoid", "hinge", "ipo", "robust", "rdpo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+                 "sppo_hard", "apo_zero", "apo_down", "discopop", "aot", "aot_unpaired"]:
         spec = get_loss("preference", name)
         assert not spec.reference_free and not spec.listwise
-    for name in ["simpo", "orpo"]:
+    for name in ["simpo", "orpo", "sft"]:
         assert get_loss("preference", name).reference_free
     # a trainer hands every loss the same keywords; unrelated ones are ignored
     loss_fn("sigmoid")(POL, REF, beta=0.1, simpo_gamma=1.0, margin=None, cpo_alpha=3.0)
@@ -209,7 +329,8 @@ def _metric_store():
     return {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
 
 
-def trl_dpo(loss_type: str, pol: PairLogps, ref: PairLogps, beta: float, label_smoothing: float = 0.0):
+def trl_dpo(loss_type: str, pol: PairLogps, ref: PairLogps, beta: float, label_smoothing: float = 0.0,
+            discopop_tau: float = 0.05):
     """TRL 1.16 ``DPOTrainer._compute_loss`` on sequences whose completions have exactly these log-probs."""
     from accelerate import Accelerator
     from trl import DPOTrainer
@@ -229,6 +350,7 @@ def trl_dpo(loss_type: str, pol: PairLogps, ref: PairLogps, beta: float, label_s
     trainer.f_divergence_type, trainer.use_weighting = "reverse_kl", False
     trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
     trainer.beta, trainer.label_smoothing = beta, label_smoothing
+    trainer.args = types.SimpleNamespace(discopop_tau=discopop_tau)
     trainer._metrics, trainer._total_train_tokens, trainer._tp_size = _metric_store(), 0, 1
     inputs = {"input_ids": torch.ones(n, t, dtype=torch.long), "attention_mask": torch.ones(n, t, dtype=torch.long),
               "completion_mask": completion_mask, "ref_chosen_logps": ref.chosen, "ref_rejected_logps": ref.rejected}
@@ -249,12 +371,15 @@ def random_pairs(seed: int, b: int = 6) -> tuple[PairLogps, PairLogps]:
 
 @pytest.mark.parametrize(("seed", "name", "beta", "eps"), [
     (0, "sigmoid", 0.1, 0.0), (1, "sigmoid", 0.7, 0.0), (2, "hinge", 0.5, 0.0), (3, "ipo", 0.1, 0.0),
-    (4, "ipo", 0.8, 0.0), (5, "robust", 0.4, 0.2),
+    (4, "ipo", 0.8, 0.0), (5, "robust", 0.4, 0.2), (8, "sigmoid_norm", 2.0, 0.0), (9, "exo_pair", 0.3, 1e-3),
+    (10, "exo_pair", 0.6, 0.25), (11, "nca_pair", 0.4, 0.0), (12, "bco_pair", 0.4, 0.0), (13, "sppo_hard", 0.5, 0.0),
+    (14, "aot", 0.3, 0.0), (15, "aot", 0.6, 0.1), (16, "aot_unpaired", 0.3, 0.0), (17, "aot_unpaired", 0.5, 0.2),
+    (18, "apo_zero", 0.3, 0.0), (19, "apo_down", 0.3, 0.0), (20, "discopop", 0.2, 0.0), (21, "sft", 0.1, 0.0),
 ])
 def test_matches_trl_dpo_trainer(seed, name, beta, eps):
     pol, ref = random_pairs(seed)
-    trl_loss, trl_metrics = trl_dpo(name, pol, ref, beta, eps)
-    out = loss_fn(name)(pol, ref, beta=beta, label_smoothing=eps)
+    trl_loss, trl_metrics = trl_dpo(name, pol, ref, beta, eps, discopop_tau=0.07)
+    out = loss_fn(name)(pol, ref, beta=beta, label_smoothing=eps, discopop_tau=0.07)
     assert out.loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
     for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"]:

@@ -37,15 +37,26 @@ from hfrlhf.losses.base import LossOutput, register_loss
 
 __all__ = [
     "PairLogps",
+    "aot_loss",
+    "aot_unpaired_loss",
+    "apo_down_loss",
+    "apo_zero_loss",
+    "bco_pair_loss",
     "chosen_nll",
+    "discopop_loss",
+    "exo_pair_loss",
     "hinge_loss",
     "ipo_loss",
+    "nca_pair_loss",
     "orpo_loss",
     "rdpo_loss",
     "reward_metrics",
     "robust_loss",
+    "sft_loss",
     "sigmoid_loss",
+    "sigmoid_norm_loss",
     "simpo_loss",
+    "sppo_hard_loss",
 ]
 
 
@@ -321,3 +332,245 @@ def orpo_loss(policy: PairLogps, ref: PairLogps | None = None, *, beta: float = 
     metrics = reward_metrics(beta * a_w, beta * a_l, policy)
     metrics.update(nll_loss=nll.detach(), log_odds_ratio=ratio.detach().mean(), log_odds_chosen=log_odds.detach().mean())
     return LossOutput(nll - beta * ratio.mean(), metrics)
+
+
+# --- losses on each completion's own log-ratio, not only on the margin --------------------------------------
+@register_loss("preference", "sigmoid_norm")
+def sigmoid_norm_loss(
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+) -> LossOutput:
+    """Length-normalised DPO: the logistic loss on per-token log-ratios, so long answers gain no extra margin.
+
+    Lambert et al., 2024, "Tulu 3: Pushing Frontiers in Open Language Model Post-Training", Sec. 5
+    (``dpo_norm``); TRL's ``sigmoid_norm``. With cDPO label smoothing as in :func:`sigmoid_loss`::
+
+        z = beta * (h_w / |y_w| - h_l / |y_l|)
+        L = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)
+
+    Per-token log-ratios are small, so ``beta`` is typically much larger than for DPO (Tulu 3 uses 5).
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``
+    (summed log-ratios, as TRL logs them).
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    c_len = policy.chosen_len.clamp(min=1).to(h_w.dtype)
+    r_len = policy.rejected_len.clamp(min=1).to(h_l.dtype)
+    per_pair = _smoothed_logistic(beta * (h_w / c_len - h_l / r_len), label_smoothing)
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "exo_pair")
+def exo_pair_loss(
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 1e-3, **_
+) -> LossOutput:
+    """EXO (pairwise): reverse KL from the model's preference distribution to a smoothed label.
+
+    Ji et al., 2024, "Towards Efficient Exact Optimization of Language Model Alignment", eq. 16 with K = 2.
+    The policy's preference for the chosen completion is ``q_w = sigmoid(beta * Delta)`` (``q_l = 1 - q_w``),
+    the target puts ``1 - eps`` on the chosen one::
+
+        L = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps)      = KL(q || (1 - eps, eps))
+
+    Unlike DPO's forward KL it is mode-seeking: once ``q_w`` is past ``1 - eps`` the gradient pushes it back.
+    ``eps = label_smoothing`` must lie in ``(0, 1)``; the paper uses ``1e-3``. TRL 1.16 refuses ``eps = 0``
+    in its config; this function does too.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"exo_pair needs label_smoothing in (0, 1) (the paper uses 1e-3), got {label_smoothing}")
+    h_w, h_l = _log_ratios(policy, ref)
+    z = beta * (h_w - h_l)
+    log_q_w, log_q_l = F.logsigmoid(z), F.logsigmoid(-z)
+    per_pair = log_q_w.exp() * (log_q_w - math.log1p(-label_smoothing)) + log_q_l.exp() * (
+        log_q_l - math.log(label_smoothing)
+    )
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "nca_pair")
+def nca_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+    """NCA (pairwise): noise-contrastive alignment, which scores each completion on its own.
+
+    Chen et al., 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards", the NCA loss
+    with K = 2 and binary preferences; TRL's ``nca_pair``. With ``r = beta * h``::
+
+        L = -log sigmoid(r_w) - 1/2 log sigmoid(-r_w) - 1/2 log sigmoid(-r_l)
+
+    The chosen reward is pulled toward positive values and both are pushed away from large rewards, so the
+    chosen likelihood does not fall the way it can under DPO, whose loss sees only the margin.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    r_w, r_l = beta * h_w, beta * h_l
+    per_pair = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "bco_pair")
+def bco_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+    """BCO (pairwise): a binary classifier on implicit rewards, chosen as class 1 and rejected as class 0.
+
+    Jung et al., 2024, "Binary Classifier Optimization for Large Language Model Alignment", eq. 9 applied to
+    both completions of a pair, without the paper's running-mean reward shift ``delta`` (as TRL 1.16's
+    ``bco_pair``, which also has no shift). With ``r = beta * h``::
+
+        L = -log sigmoid(r_w) - log sigmoid(-r_l)
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    per_pair = -F.logsigmoid(beta * h_w) - F.logsigmoid(-beta * h_l)
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "sppo_hard")
+def sppo_hard_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+    """SPPO with hard labels: regress each log-ratio onto +-1/(2 beta).
+
+    Wu et al., 2024, "Self-Play Preference Optimization for Language Model Alignment", eq. 4.7 (Algorithm 1)
+    with the win probability set to 1 for the chosen and 0 for the rejected completion (the paper estimates
+    it with a preference model; this is TRL's ``sppo_hard``). With ``eta = 1 / beta``::
+
+        L = (h_w - eta/2)^2 + (h_l + eta/2)^2
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    half = 0.5 / beta
+    per_pair = (h_w - half) ** 2 + (h_l + half) ** 2
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "apo_zero")
+def apo_zero_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+    """APO-zero: raise the chosen likelihood and lower the rejected one, each anchored at the reference.
+
+    D'Oosterlinck et al., 2024, "Anchored Preference Optimization and Contrastive Revisions: Addressing
+    Underspecification in Alignment", eq. 7 (shifted by 1 to be non-negative, as TRL's ``apo_zero``). For
+    data whose chosen answers are better than what the model writes now::
+
+        L = (1 - sigmoid(beta * h_w)) + sigmoid(beta * h_l)
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    per_pair = torch.sigmoid(-beta * h_w) + torch.sigmoid(beta * h_l)  # 1 - s(x) = s(-x)
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "apo_down")
+def apo_down_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+    """APO-down: lower both likelihoods, the rejected one more, for chosen answers worse than the model's own.
+
+    D'Oosterlinck et al., 2024 (see :func:`apo_zero_loss`), eq. 8, shifted by 1 as TRL's ``apo_down``::
+
+        L = sigmoid(beta * h_w) + (1 - sigmoid(beta * (h_w - h_l)))
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    per_pair = torch.sigmoid(beta * h_w) + torch.sigmoid(-beta * (h_w - h_l))
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "discopop")
+def discopop_loss(
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, discopop_tau: float = 0.05, **_
+) -> LossOutput:
+    """DiscoPOP: a blend of the logistic (DPO) and exponential losses, weighted by the margin itself.
+
+    Lu et al., 2024, "Discovering Preference Optimization Algorithms with and for Large Language Models",
+    eq. 5 (the log-ratio modulated loss found by LLM-driven search); TRL's ``discopop``. With
+    ``z = beta * Delta`` and ``w = sigmoid(z / tau)``::
+
+        L = (1 - w) * -log sigmoid(z) + w * exp(-z)
+
+    ``tau = discopop_tau`` (the paper's 0.05; pass it through ``DPOConfig.loss_kwargs``). The exponential
+    term is computed as ``exp(-z + log sigmoid(z / tau))``, the same number, which stays finite for very
+    negative margins where ``exp(-z)`` alone overflows (``tau < 1``).
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    if discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be positive, got {discopop_tau}")
+    h_w, h_l = _log_ratios(policy, ref)
+    z = beta * (h_w - h_l)
+    w = torch.sigmoid(z / discopop_tau)
+    per_pair = -F.logsigmoid(z) * (1 - w) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
+    return _dpo_output(per_pair, h_w, h_l, policy, beta)
+
+
+# --- AOT: distributional alignment over the batch -------------------------------------------------------------
+def _aot_output(
+    sorted_gap: torch.Tensor, h_w: torch.Tensor, h_l: torch.Tensor, policy: PairLogps, beta: float, eps: float
+) -> LossOutput:
+    return _dpo_output(_smoothed_logistic(beta * sorted_gap, eps), h_w, h_l, policy, beta)
+
+
+@register_loss("preference", "aot")
+def aot_loss(
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+) -> LossOutput:
+    """AOT (paired): first-order stochastic dominance of the policy's chosen-vs-rejected log-odds over the reference's.
+
+    Melnyk et al., 2024, "Distributional Preference Alignment of LLMs via Optimal Transport", the paired
+    form; TRL's ``aot``. The one-dimensional optimal transport plan between two empirical distributions
+    matches them in sorted order, so with ``u_i = log pi(y_w,i) - log pi(y_l,i)``, ``v_i`` the same under
+    the reference, and ``sort`` ascending over the batch::
+
+        L = mean_j [ -(1 - eps) log sigmoid(beta d_j) - eps log sigmoid(-beta d_j) ],  d = sort(u) - sort(v)
+
+    The loss couples the pairs of a micro-batch, so unlike the other losses it changes with how a batch is
+    split (gradient accumulation, several processes); it needs batches of more than a few pairs.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    u = policy.chosen - policy.rejected
+    v = torch.zeros_like(u) if ref is None else ref.chosen - ref.rejected
+    gap = torch.sort(u, dim=0).values - torch.sort(v, dim=0).values
+    return _aot_output(gap, h_w, h_l, policy, beta, label_smoothing)
+
+
+@register_loss("preference", "aot_unpaired")
+def aot_unpaired_loss(
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+) -> LossOutput:
+    """AOT (unpaired): the chosen log-ratios' distribution should dominate the rejected ones'.
+
+    Melnyk et al., 2024 (see :func:`aot_loss`), the unpaired form, for data where chosen and rejected
+    completions need not share a prompt; TRL 1.16's ``aot_unpaired`` (``aot_pair`` in earlier TRL)::
+
+        d = sort(h_w) - sort(h_l),   L = mean_j [ -(1 - eps) log sigmoid(beta d_j) - eps log sigmoid(-beta d_j) ]
+
+    Batch-coupled like :func:`aot_loss`.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    gap = torch.sort(h_w, dim=0).values - torch.sort(h_l, dim=0).values
+    return _aot_output(gap, h_w, h_l, policy, beta, label_smoothing)
+
+
+@register_loss("preference", "sft", reference_free=True)
+def sft_loss(policy: PairLogps, ref: PairLogps | None = None, *, beta: float = 0.1, **_) -> LossOutput:
+    """Supervised fine-tuning on the chosen completions only: their mean token NLL; TRL's ``sft`` loss type.
+
+    Mostly useful combined with a preference loss, e.g. MPO (Wang et al., 2024, "Enhancing the Reasoning
+    Ability of Multimodal Large Language Models via Mixed Preference Optimization"):
+    ``loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]``::
+
+        L = -sum_i log pi(y_w,i) / sum_i |y_w,i|
+
+    Reference-free; when a reference is given it only enters the logged rewards (``beta * h``, else
+    ``beta * log pi``). Also logs ``nll_loss``.
+
+    Shapes: ``PairLogps`` fields ``(B,)``; returns a scalar.
+    """
+    h_w, h_l = _log_ratios(policy, ref)
+    nll = chosen_nll(policy, token_level=True)
+    metrics = reward_metrics(beta * h_w, beta * h_l, policy)
+    metrics["nll_loss"] = nll.detach()
+    return LossOutput(nll, metrics)
