@@ -1,10 +1,14 @@
 """What every hfrlhf trainer shares: config defaults, data preparation, metric averaging, LoRA attachment,
-bf16 autocast, and the non-finite loss guard. Trainers subclass :class:`HfrlhfTrainer` and only orchestrate.
+bf16 autocast, the non-finite loss and gradient guards, and resuming only from complete checkpoints.
+Trainers subclass :class:`HfrlhfTrainer` and only orchestrate.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import warnings
 from collections import defaultdict
 from contextlib import AbstractContextManager
@@ -14,7 +18,8 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hfrlhf.models.loading import bf16_supported
 
@@ -38,8 +43,10 @@ class HfrlhfConfig(TrainingArguments):
         default=None,
         metadata={"help": "bf16 mixed precision. Default: on where the device supports bf16 (CPUs with AVX512-BF16/AMX too)."},
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in backward: less memory, about 20-30% more time."}
+    gradient_checkpointing: bool | None = field(
+        default=False,
+        metadata={"help": "Recompute activations in backward: less memory, about 20-30% more time "
+                          "(the same switch as activation_checkpointing, which wins when both are set)."},
     )
     max_length: int | None = field(
         default=1024, metadata={"help": "Maximum tokens of prompt + completion; completions are cut to fit."}
@@ -63,15 +70,23 @@ class HfrlhfConfig(TrainingArguments):
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the policy (and reference)."})
     nonfinite_loss: str = field(
         default="skip",
-        metadata={"help": "What to do on a NaN/inf loss: 'skip' the micro-batch with a warning (counted in "
-                          "'nonfinite_skipped'), or 'raise' naming the step.", "choices": ["skip", "raise"]},
+        metadata={"help": "What to do on a NaN/inf loss or gradient: 'skip' the micro-batch (loss) or the optimizer "
+                          "step (gradients) with a warning, counted in the logged 'nonfinite_skipped' and "
+                          "'nonfinite_grad_skipped'; or 'raise' naming the step.", "choices": ["skip", "raise"]},
     )
 
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = not self.fp16 and bf16_supported()
-        if self.bf16 and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-            self.use_cpu = True  # TrainingArguments accepts bf16 without a GPU only with use_cpu
+        if not accelerator_available():
+            # Without a GPU: CPU explicitly (TrainingArguments refuses bf16 otherwise, and under torchrun processes
+            # would not join one process group without it), and no pinned memory (it only helps host-to-GPU copies).
+            self.use_cpu = True
+            self.dataloader_pin_memory = False
+        # `gradient_checkpointing` is a deprecated alias in transformers: hand its value to the new name ourselves
+        # so that setting it (or its default) raises no FutureWarning; transformers then mirrors the two.
+        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
+            self.activation_checkpointing = self.gradient_checkpointing
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and self.max_length is not None and self.max_prompt_length >= self.max_length:
@@ -82,6 +97,72 @@ class HfrlhfConfig(TrainingArguments):
         if self.nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"nonfinite_loss must be 'skip' or 'raise', got {self.nonfinite_loss!r}")
         super().__post_init__()
+
+
+def accelerator_available() -> bool:
+    """True when a CUDA, XPU or MPS device is present."""
+    if torch.cuda.is_available():
+        return True
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def checkpoint_is_complete(path: str | os.PathLike) -> bool:
+    """True when the checkpoint folder ``path`` was written to the end.
+
+    The Trainer writes ``trainer_state.json`` last (after weights, optimizer, scheduler and RNG states), so a
+    folder whose state file is missing or not valid JSON was cut short, e.g. by a process killed while saving.
+    """
+    state = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state):
+        return False
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The ``checkpoint-N`` folder of ``folder`` with the largest N that is complete, or None.
+
+    Unlike ``transformers.trainer_utils.get_last_checkpoint``, a partially written folder is never chosen:
+    it is skipped with a warning.
+    """
+    if not os.path.isdir(folder):
+        return None
+    found = []
+    for name in os.listdir(folder):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            found.append((int(match.group(1)), os.path.join(folder, name)))
+    for _, path in sorted(found, reverse=True):
+        if checkpoint_is_complete(path):
+            return path
+        logger.warning("skipping incomplete checkpoint %s (no valid %s: it was not written to the end)",
+                       path, TRAINER_STATE_NAME)
+    return None
+
+
+class NonFiniteGradientGuard(TrainerCallback):
+    """Checks the gradients before every optimizer step and skips the step (``nonfinite_loss='skip'``) or raises.
+
+    Skipping sets every gradient to None, so the optimizer leaves parameters and its moments untouched (a zero
+    gradient would still move them through momentum and weight decay).
+    """
+
+    def __init__(self, trainer: HfrlhfTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.check_gradients()
 
 
 def prepare_dataset(
@@ -145,6 +226,8 @@ class HfrlhfTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite_skipped = 0
+        self.nonfinite_grad_skipped = 0
+        self.add_callback(NonFiniteGradientGuard(self))
         # Our losses are means over the micro-batch: the Trainer divides by the accumulation steps.
         self.model_accepts_loss_kwargs = False
 
@@ -174,13 +257,19 @@ class HfrlhfTrainer(Trainer):
                 self._metrics[mode][name].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the step's averaged stored metrics to ``logs``. In evaluation a value already in ``logs`` (from
+        ``compute_metrics``, exact over the whole set) wins over the batch average of a stored metric."""
         mode = "train" if self.model.training else "eval"
         averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
         if mode == "eval":
-            averaged = {f"eval_{k}": v for k, v in averaged.items()}
-        elif self.nonfinite_skipped:
-            averaged["nonfinite_skipped"] = float(self.nonfinite_skipped)
-        logs.update(averaged)
+            for key, value in averaged.items():
+                logs.setdefault(f"eval_{key}", value)
+        else:
+            if self.nonfinite_skipped:
+                averaged["nonfinite_skipped"] = float(self.nonfinite_skipped)
+            if self.nonfinite_grad_skipped:
+                averaged["nonfinite_grad_skipped"] = float(self.nonfinite_grad_skipped)
+            logs.update(averaged)
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
@@ -200,6 +289,42 @@ class HfrlhfTrainer(Trainer):
                       RuntimeWarning, stacklevel=2)
         trainable = [p for p in model.parameters() if p.requires_grad]
         return sum((p.sum() * 0.0 for p in trainable), torch.zeros((), device=loss.device))
+
+    def check_gradients(self) -> bool:
+        """Before an optimizer step: True when every gradient is finite. Otherwise skip the step (drop the
+        gradients, warn, count in ``nonfinite_grad_skipped``) or raise, per ``nonfinite_loss``."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return True
+        step = self.state.global_step
+        if self.args.nonfinite_loss == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient before the optimizer step of global step {step} (the loss was finite): "
+                "check the learning rate, the data of this step's batches, and fp16 overflow; set "
+                "nonfinite_loss='skip' to skip such steps instead"
+            )
+        self.nonfinite_grad_skipped += 1
+        warnings.warn(f"non-finite gradient at global step {step}: optimizer step skipped "
+                      f"({self.nonfinite_grad_skipped} so far)", RuntimeWarning, stacklevel=2)
+        for p in self.model.parameters():
+            p.grad = None
+        return False
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` picks the last *complete* checkpoint of
+        ``output_dir`` (a folder cut short by a kill during saving is skipped), and an explicit path to an
+        incomplete checkpoint is refused."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint found in output_dir ({self.args.output_dir}) to resume from")
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)) and not checkpoint_is_complete(resume_from_checkpoint):
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} is incomplete or missing (no valid {TRAINER_STATE_NAME}): it was "
+                "not written to the end; resume from an earlier checkpoint or with resume_from_checkpoint=True"
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the training loss (and stores eval metrics); there are no logits to return."""
