@@ -33,19 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForSequenceClassification,
-    EvalPrediction,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import set_seed
 
-from hfrlhf.data.collators import ListwiseCollator, PairwiseCollator, PointwiseCollator, Segment, build_batch
+from hfrlhf.data.collators import ListwiseCollator, PairwiseCollator, PointwiseCollator
 from hfrlhf.data.errors import DataError
 from hfrlhf.losses import LossOutput, LossSpec, get_loss
 from hfrlhf.models.loading import ModelArguments, load_reward_model, load_tokenizer, score_head
-from hfrlhf.ops.logprobs import hidden_states
+from hfrlhf.models.reward_head import reward_model_from_causal_lm, score_completions, sequence_rewards
 from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, attach_peft, disable_dropout, prepare_dataset
 
 __all__ = [
@@ -128,41 +123,6 @@ class RewardConfig(HfrlhfConfig):
 
 
 # --- models ----------------------------------------------------------------------------------------------------
-def sequence_rewards(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One scalar reward per sequence ``(S,)`` float32, read at each sequence's last token (``last_index``).
-
-    The decoder runs once on the batch's layout (padded on either side, packed, shared-prompt) and the
-    score head is applied only to the ``S`` hidden states at ``last_index``: the EOS of each sequence,
-    wherever it sits. Works for HF sequence classifiers (``score``) and any decoder with a scalar head
-    that :func:`hfrlhf.models.loading.score_head` finds, LoRA-wrapped or not.
-    """
-    hidden = hidden_states(model, dict(batch))  # (R, T, H)
-    last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]  # (S, H)
-    return score_head(model)(last).squeeze(-1).float()
-
-
-def reward_model_from_causal_lm(model: PreTrainedModel) -> PreTrainedModel:
-    """A one-label ``AutoModelForSequenceClassification`` that shares ``model``'s decoder (no copy).
-
-    The new ``score`` head is initialised with ``config.initializer_range``; the LM head is dropped. The
-    result saves and reloads as an ordinary reward checkpoint.
-    """
-    config = copy.deepcopy(model.config)
-    config.num_labels = 1
-    with torch.device("meta"):  # no memory for the throwaway decoder built by the constructor
-        reward = AutoModelForSequenceClassification.from_config(config)
-    setattr(reward, reward.base_model_prefix, getattr(model, model.base_model_prefix))
-    ref = next(model.parameters())
-    hidden_size = config.get_text_config().hidden_size
-    head = nn.Linear(hidden_size, 1, bias=False, device=ref.device, dtype=ref.dtype)
-    nn.init.normal_(head.weight, std=getattr(config, "initializer_range", 0.02))
-    reward.score = head
-    if any(p.is_meta for p in reward.parameters()) or any(b.is_meta for b in reward.buffers()):
-        raise ValueError(f"cannot turn {type(model).__name__} into a reward model: its sequence classifier has "
-                         "modules besides the decoder and 'score'; load it with load_reward_model instead")
-    return reward
-
-
 def _head_name(model: nn.Module) -> str:
     head = score_head(model)
     for name, module in model.named_modules():
@@ -463,38 +423,3 @@ def compute_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
     predicted = (predictions[:, 1] >= predictions[:, 0]).astype(np.int64)  # 0 = chosen ranked first
     references = np.asarray(eval_pred.label_ids).astype(np.int64).reshape(-1)
     return load_metric("accuracy").compute(predictions=predicted, references=references)
-
-
-@torch.no_grad()
-def score_completions(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    *,
-    batch_size: int = 16,
-    max_length: int | None = None,
-) -> torch.Tensor:
-    """Rewards ``(N,)`` of ``completions[i]`` given ``prompts[i]`` (text or chat messages), tokenized exactly as
-    for training (one EOS at the end, where the reward is read). The model is scored in eval mode.
-    """
-    from hfrlhf.data.tokenize import tokenize_prompt_completion
-
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            sequences = []
-            for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
-                pair = tokenize_prompt_completion(tokenizer, p, c, max_length=max_length)
-                sequences.append([Segment(pair.prompt_ids, False), Segment(pair.completion_ids, True)])
-            batch = {k: v.to(device) for k, v in build_batch(sequences, pad).items()}
-            out.append(sequence_rewards(model, batch).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
