@@ -20,9 +20,14 @@ _EXPORTS = {
     "KTOConfig": "hfrlhf.trainers.kto", "KTOTrainer": "hfrlhf.trainers.kto",
     "PPOConfig": "hfrlhf.trainers.ppo", "PPOTrainer": "hfrlhf.trainers.ppo",
     "SFTConfig": "hfrlhf.trainers.sft", "SFTTrainer": "hfrlhf.trainers.sft",
+    "HfrlhfConfig": "hfrlhf.trainers.base", "HfrlhfTrainer": "hfrlhf.trainers.base",
+    # trainer-side data helpers
+    "KTOCollator": "hfrlhf.trainers.kto", "add_kl_partners": "hfrlhf.trainers.kto",
+    "compute_accuracy": "hfrlhf.trainers.reward",
     # data
     "load_dataset": "hfrlhf.data.formats",
     "DataError": "hfrlhf.data.errors",
+    "EXAMPLES_DIR": "hfrlhf.data.formats",
     "tokenize_dataset": "hfrlhf.data.tokenize",
     "PairwiseCollator": "hfrlhf.data.collators", "ListwiseCollator": "hfrlhf.data.collators",
     "UnpairedCollator": "hfrlhf.data.collators", "PointwiseCollator": "hfrlhf.data.collators",
@@ -30,9 +35,22 @@ _EXPORTS = {
     # models
     "ModelArguments": "hfrlhf.models.loading", "load_bundled": "hfrlhf.models.loading",
     "load_causal_lm": "hfrlhf.models.loading", "load_reward_model": "hfrlhf.models.loading",
-    "load_tokenizer": "hfrlhf.models.loading",
+    "load_tokenizer": "hfrlhf.models.loading", "get_peft_config": "hfrlhf.models.loading",
+    "get_quantization_config": "hfrlhf.models.loading", "bf16_supported": "hfrlhf.models.loading",
+    # reward models: build, read, score
+    "reward_model_from_causal_lm": "hfrlhf.models.reward_head", "sequence_rewards": "hfrlhf.models.reward_head",
+    "score_completions": "hfrlhf.models.reward_head",
+    # PPO: policy + critic, rollouts, reward functions
+    "ActorCritic": "hfrlhf.models.value", "ValueHead": "hfrlhf.models.value", "build_critic": "hfrlhf.models.value",
+    "Rollout": "hfrlhf.ops.rollout", "Responses": "hfrlhf.ops.rollout", "RolloutCollator": "hfrlhf.ops.rollout",
+    "RewardScorer": "hfrlhf.ops.rollout", "RewardFn": "hfrlhf.ops.rollout",
+    "get_reward_fn": "hfrlhf.workflows.rewards", "vader_sentiment": "hfrlhf.workflows.rewards",
     # losses
-    "get_loss": "hfrlhf.losses", "available_losses": "hfrlhf.losses",
+    "get_loss": "hfrlhf.losses", "available_losses": "hfrlhf.losses", "register_loss": "hfrlhf.losses",
+    "LossOutput": "hfrlhf.losses", "PairLogps": "hfrlhf.losses", "ListLogps": "hfrlhf.losses",
+    # publishing and plots
+    "ModelCard": "hfrlhf.hub", "push_to_hub": "hfrlhf.hub",
+    "plot_log_history": "hfrlhf.plotting",
 }
 _RENAMES = {"load_dataset": "load"}
 

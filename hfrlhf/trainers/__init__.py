@@ -7,8 +7,8 @@ from typing import Any
 
 _EXPORTS = {
     "DPOConfig": "dpo", "DPOTrainer": "dpo",
-    "RewardConfig": "reward", "RewardTrainer": "reward",
-    "KTOConfig": "kto", "KTOTrainer": "kto",
+    "RewardConfig": "reward", "RewardTrainer": "reward", "compute_accuracy": "reward",
+    "KTOConfig": "kto", "KTOTrainer": "kto", "KTOCollator": "kto", "add_kl_partners": "kto",
     "PPOConfig": "ppo", "PPOTrainer": "ppo",
     "SFTConfig": "sft", "SFTTrainer": "sft",
     "HfrlhfConfig": "base", "HfrlhfTrainer": "base",
