@@ -4,7 +4,8 @@ Offline on CPU, the bundled SmolLM2-135M-Instruct with LoRA on the pairs shipped
 
     python recipes/dpo_llama.py --config recipes/configs/dpo_llama.yaml
 
-The short demo (under 2 minutes on 2 idle CPU cores; prints held-out reward accuracy before vs after):
+The short demo (under 2 minutes on 2 idle cores of a CPU with bf16 units; prints held-out reward accuracy
+before vs after):
 
     python recipes/dpo_llama.py --config recipes/configs/demo_dpo.yaml
 
@@ -15,10 +16,11 @@ On GPUs with accelerate (one process per GPU; pick a launch config in recipes/ac
         recipes/dpo_llama.py --config recipes/configs/dpo_llama.yaml \
         --model_name_or_path meta-llama/Llama-3.2-1B-Instruct --dataset_name trl-lib/ultrafeedback_binarized
 
-4-bit QLoRA of a bigger Llama on one GPU:
+4-bit QLoRA of a bigger Llama, one process per GPU (one GPU: recipes/accelerate/single_gpu.yaml):
 
-    accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/dpo_llama.py \
-        --config recipes/configs/dpo_llama_qlora.yaml
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml --num_processes 4 \
+        recipes/dpo_llama.py --config recipes/configs/dpo_llama_qlora.yaml \
+        --model_name_or_path meta-llama/Llama-3.1-8B-Instruct --push_to_hub --hub_model_id you/llama-dpo-qlora
 
 Any flag overrides the YAML (``--beta 0.05 --loss_type ipo``); ``--push_to_hub --hub_model_id you/name``
 pushes the adapter with a model card; ``--merge_adapter`` also saves a merged full model. The installed

@@ -94,12 +94,14 @@ def test_recipe_runs_two_steps_on_the_tiny_model(method, tiny_model_dir, tmp_pat
     assert f"== hfrlhf {method}: done" in printed and str(out) in printed
 
 
-def test_demo_config_is_the_short_bf16_lora_run(tiny_model_dir):
+def test_demo_config_is_the_short_lora_run_with_bf16_left_to_the_device(tiny_model_dir):
+    from hfrlhf.models.loading import bf16_supported
     from hfrlhf.workflows import dpo
 
     script, train, model = parse_args(dpo.ARGUMENTS, ["--config", str(CONFIGS / "demo_dpo.yaml")])
     assert model.model_name_or_path == "smollm2-135m-instruct" and model.use_peft and model.lora_r == 16
-    assert train.bf16 and train.max_length == 256 and train.output_dir == "outputs/dpo-demo"
+    assert "bf16" not in yaml.safe_load((CONFIGS / "demo_dpo.yaml").read_text())  # auto: fast bf16 only
+    assert train.bf16 == bf16_supported() and train.max_length == 256 and train.output_dir == "outputs/dpo-demo"
     assert script.dataset_name is None and script.eval_fraction > 0 and script.eval_before_train
     assert train.max_steps == -1 and train.num_train_epochs >= 1
 
@@ -119,6 +121,24 @@ def test_every_config_parses_with_its_recipe_arguments(config):
     assert isinstance(script, ScriptArguments)
     values = yaml.safe_load((CONFIGS / config).read_text())
     assert train.output_dir == values["output_dir"]
+
+
+def test_every_recipes_path_the_docs_name_exists():
+    """Launch commands in the docs, recipe docstrings and config comments point at files that are there."""
+    import re
+
+    texts = [ROOT / "README.md", ROOT / "docs" / "recipes.md", *RECIPES.glob("*.py"), *CONFIGS.glob("*.yaml"),
+             *(RECIPES / "accelerate").glob("*.yaml")]
+    named = {m for path in texts for m in re.findall(r"recipes/[\w./-]+\.(?:py|yaml|json)", path.read_text())}
+    assert "recipes/accelerate/multi_gpu.yaml" in named and "recipes/configs/dpo_llama_qlora.yaml" in named
+    missing = sorted(p for p in named if not (ROOT / p).is_file())
+    assert missing == []
+
+
+def test_no_config_forces_bf16():
+    """bf16 is left to the device (auto): forced on, AVX2-only CPUs run hundreds of times slower, old GPUs fail."""
+    for path in CONFIGS.glob("*.yaml"):
+        assert "bf16" not in yaml.safe_load(path.read_text()), path.name
 
 
 def test_every_method_has_a_recipe_a_config_and_a_docstring_with_its_launch_commands():
