@@ -77,7 +77,7 @@ def _run(script, kind, out, resume):
 
 def _kill_after_checkpoint(script, kind, out, min_step):
     """Start a slowed-down run, SIGKILL it as soon as a complete checkpoint at step >= ``min_step`` exists."""
-    proc = subprocess.Popen([sys.executable, str(script), kind, str(out), "0", "1.0"], env=_env(),
+    proc = subprocess.Popen([sys.executable, str(script), kind, str(out), "0", "0.5"], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     try:
@@ -99,6 +99,7 @@ def _kill_after_checkpoint(script, kind, out, min_step):
     return last
 
 
+@pytest.mark.slow  # three training subprocesses: tens of seconds
 @pytest.mark.parametrize("kind", ["dpo", "ppo"])
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, kind):
     script = tmp_path / "train.py"

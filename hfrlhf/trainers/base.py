@@ -290,6 +290,28 @@ class HfrlhfTrainer(Trainer):
         trainable = [p for p in model.parameters() if p.requires_grad]
         return sum((p.sum() * 0.0 for p in trainable), torch.zeros((), device=loss.device))
 
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """``Trainer.training_step``; when a non-finite loss stops training, the offending micro-batch is saved
+        (as safetensors, in ``output_dir``) and the error says where, so the batch can be replayed."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except FloatingPointError as err:
+            path = self._save_batch(inputs, f"nonfinite-batch-step{self.state.global_step}")
+            if path is None:
+                raise
+            raise FloatingPointError(f"{err}. The micro-batch is saved to {path}") from err
+
+    def _save_batch(self, inputs: dict[str, Any], name: str) -> str | None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            return None
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        path = os.path.join(self.args.output_dir, f"{name}-rank{self.args.process_index}.safetensors")
+        save_file(tensors, path)
+        return path
+
     def check_gradients(self) -> bool:
         """Before an optimizer step: True when every gradient is finite. Otherwise skip the step (drop the
         gradients, warn, count in ``nonfinite_grad_skipped``) or raise, per ``nonfinite_loss``."""
