@@ -222,6 +222,34 @@ def test_listwise_rows_for_a_pairwise_loss_become_all_ordered_pairs(tmp_path, to
     trainer.train()
 
 
+def _reward_params_after(tmp_path, tok, train, bs, ga, **kw):
+    model = _reward_model(tok, seed=5).double()  # float64, so the comparison is not about rounding
+    # plain SGD: an update proportional to the gradient (Adam would hide a gradient scaled by a constant)
+    args = _args(tmp_path / f"bs{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=2,
+                 learning_rate=0.5, optim="sgd", **kw)
+    trainer = RewardTrainer(model, args=args, train_dataset=train, processing_class=tok)
+    trainer.train()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize(("loss_type", "rows", "center"), [
+    ("bradley_terry", "pairs", 0.05), ("plackett_luce", "lists", None), ("all_pairs", "lists", None),
+])
+def test_gradient_accumulation_is_exact(tmp_path, tok, pairs, loss_type, rows, center):
+    """One batch of n rows and n micro-batches of one row with n accumulation steps make the same updates."""
+    train = pairs if rows == "pairs" else LISTS
+    n = len(train)
+    kw = dict(loss_type=loss_type, center_rewards_coefficient=center)
+    whole = _reward_params_after(tmp_path, tok, train, bs=n, ga=1, **kw)
+    split = _reward_params_after(tmp_path, tok, train, bs=1, ga=n, **kw)
+    start = dict(_reward_model(tok, seed=5).named_parameters())
+    moved = 0
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, atol=1e-6, rtol=1e-5)
+        moved += int(not torch.equal(value, start[name].detach()))
+    assert moved > 0
+
+
 def test_model_must_have_one_label(tmp_path, tok):
     config = copy.deepcopy(build_tiny_llama(tok).config)
     config.num_labels = 3
