@@ -87,3 +87,29 @@ def test_batch_logprobs_equals_full_logits_on_a_padded_batch():
     torch.testing.assert_close(out.seq_logps, torch.stack([expected0, expected1]).detach(), atol=1e-5, rtol=0)
     assert out.seq_lens.tolist() == [2.0, 4.0]
     assert out.last_hidden.shape == (2, model.config.hidden_size)
+
+
+def test_sequence_sums_are_accumulated_in_float64():
+    # 2000 scored tokens in one sequence: a float32 running sum drifts by ~1e-5 relative; the float64 sum
+    # rounded once to float32 is what the per-sequence log-prob must be
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(tok, seed=4)
+    g = torch.Generator().manual_seed(4)
+    T = 2001
+    ids = torch.randint(3, model.config.vocab_size, (1, T), generator=g)
+    target_index = torch.arange(1, T)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones(1, T, dtype=torch.long),
+        "position_ids": torch.arange(T)[None],
+        "pred_index": target_index - 1,
+        "target_index": target_index,
+        "target_seq": torch.zeros(T - 1, dtype=torch.long),
+        "last_index": torch.tensor([T - 1]),
+    }
+    with torch.no_grad():
+        out = batch_logprobs(model, batch, chunk_size=512)
+    assert out.token_logps.dtype == out.seq_logps.dtype == torch.float32
+    exact = out.token_logps.double().sum().float()
+    assert out.seq_logps[0].item() == exact.item()
+    assert out.seq_lens.tolist() == [T - 1.0]

@@ -153,7 +153,8 @@ def batch_logprobs(
     num_seq = batch["last_index"].shape[0]
     seq = batch["target_seq"]
     acc = token_logps.dtype  # float32, or float64 for a float64 model
-    seq_logps = torch.zeros(num_seq, dtype=acc, device=flat.device).index_add(0, seq, token_logps)
+    # sums of hundreds of log-probs lose ~1e-6 relative in float32: add in float64, then cast back
+    seq_logps = torch.zeros(num_seq, dtype=torch.float64, device=flat.device).index_add(0, seq, token_logps.double()).to(acc)
     seq_lens = torch.zeros(num_seq, dtype=acc, device=flat.device).index_add(0, seq, torch.ones_like(token_logps))
     last_hidden = flat[batch["last_index"]] if return_last_hidden else None
     return SequenceLogprobs(token_logps, seq_logps, seq_lens, last_hidden)
