@@ -28,19 +28,24 @@ _WORDS = (
 ).split()
 
 
-def make_rows(task: str, n: int, seed: int) -> list[dict]:
-    """Reproducible synthetic preference data: prompts of 20-200 tokens, completions of 20-300 tokens."""
+def make_rows(task: str, n: int, seed: int, long: int | None = None) -> list[dict]:
+    """Reproducible synthetic preference data: prompts of 20-200 tokens, completions of 20-300 tokens.
+
+    With ``long=L`` every sequence is longer than ``L`` tokens (prompt about L/4, completions about L), so
+    after truncation to ``max_length=L`` each one fills it: the data of the memory curve.
+    """
     rng = random.Random(seed)
 
     def text(lo: int, hi: int) -> str:
         # ~1.2 tokens per word with SmolLM2's tokenizer
         return " ".join(rng.choice(_WORDS) for _ in range(int(rng.randint(lo, hi) / 1.2)))
 
+    p_range, c_range = ((20, 170), (20, 280)) if long is None else ((long // 4, long // 4), (long, long))
     rows = []
     for _ in range(n):
-        prompt = [{"role": "user", "content": text(20, 170)}]
-        chosen = [{"role": "assistant", "content": text(20, 280)}]
-        rejected = [{"role": "assistant", "content": text(20, 280)}]
+        prompt = [{"role": "user", "content": text(*p_range)}]
+        chosen = [{"role": "assistant", "content": text(*c_range)}]
+        rejected = [{"role": "assistant", "content": text(*c_range)}]
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if task == "kto":
         unpaired = []
@@ -52,15 +57,58 @@ def make_rows(task: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _count_tokens(tok, rows: list[dict], task: str) -> float:
-    """Mean real (non-pad) tokens trained per row: prompt + completion for every sequence of the row."""
+def count_tokens(tok, rows: list[dict], task: str, max_length: int) -> float:
+    """Mean trained tokens per row, one definition for both libraries.
+
+    Every sequence of a row (chosen and rejected; KTO's one completion) counts its real tokens, prompt
+    included, as the chat template renders them, capped at ``max_length``: what a padded layout runs
+    through the model, without the padding. A layout that runs a shared prompt only once does less work
+    for the same count, which is the point of that layout.
+    """
     total = 0
     for r in rows:
-        p = len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=False))
         comps = [r["completion"]] if task == "kto" else [r["chosen"], r["rejected"]]
         for c in comps:
-            total += p + len(tok.apply_chat_template(r["prompt"] + c, return_dict=False)) - p
+            total += min(len(tok.apply_chat_template(r["prompt"] + c, return_dict=False)), max_length)
     return total / len(rows)
+
+
+_PROMPT_COLUMNS = ("prompt_ids", "prompt_input_ids")
+_SEQUENCE_COLUMNS = ("chosen_ids", "rejected_ids", "completion_ids", "chosen_input_ids", "rejected_input_ids",
+                     "input_ids")
+
+
+def count_trained_tokens(dataset, max_length: int) -> tuple[float, list[str]]:
+    """Mean tokens per row that a trainer really trains on, read from its own tokenized dataset.
+
+    Each sequence counts prompt + completion tokens (or the whole sequence where a library stores it in one
+    column), capped at ``max_length``. Returns the mean and the columns read, so the rule is checkable.
+    """
+    cols = dataset.column_names
+    prompt = next((c for c in _PROMPT_COLUMNS if c in cols), None)
+    seqs = [c for c in _SEQUENCE_COLUMNS if c in cols and c != prompt]
+    if not seqs:
+        raise ValueError(f"no token columns among {cols}")
+    total = 0
+    for row in dataset.select_columns(([prompt] if prompt else []) + seqs):
+        p = len(row[prompt]) if prompt else 0
+        total += sum(min(p + len(row[c]), max_length) for c in seqs)
+    return total / len(dataset), ([prompt] if prompt else []) + seqs
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: bf16 where the device runs it fast (the library's own rule), else fp32."""
+    if precision != "auto":
+        return precision
+    from hfrlhf.models.loading import bf16_supported
+
+    return "bf16" if bf16_supported() else "fp32"
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
 def main() -> None:
@@ -73,7 +121,10 @@ def main() -> None:
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--layout", default="shared_prompt")
     ap.add_argument("--precompute_ref", action="store_true")
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 where the device runs it fast (as the library decides), else fp32")
+    ap.add_argument("--long", action="store_true", help="every sequence fills max_length (memory curve)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lora_r", type=int, default=16)
     a = ap.parse_args()
@@ -85,15 +136,25 @@ def main() -> None:
 
     from hfrlhf.models.loading import load_bundled
 
+    load_start = os.getloadavg()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    precision = resolve_precision(a.precision)
     batch = a.batch * 2 if a.task == "kto" else a.batch
     n_steps = a.steps + a.warmup
-    rows = make_rows(a.task, batch * n_steps, a.seed)
+    rows = make_rows(a.task, batch * n_steps, a.seed, long=a.max_length if a.long else None)
     model, tok = load_bundled(reward=a.task == "reward")
+    # model FLOPs per token and pass (MFU convention: the same count for both libraries, whatever each one
+    # executes): 2 per weight of the decoder, plus the vocabulary head for a causal LM (tied to the embedding,
+    # so counted once in parameters()); a reward model's head is one row and its embedding a lookup
+    n_total = sum(p.numel() for p in model.parameters())
+    n_embed = model.get_input_embeddings().weight.numel()
+    n_matmul = n_total if a.task != "reward" else n_total - n_embed
     task_type = "SEQ_CLS" if a.task == "reward" else "CAUSAL_LM"
     peft_config = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, target_modules="all-linear",
                              task_type=task_type)
-    bf16 = a.precision == "bf16"
+    bf16 = precision == "bf16"
     common = dict(output_dir=f"/tmp/hfrlhf-bench-{a.lib}-{a.task}", report_to=[], save_strategy="no",
                   per_device_train_batch_size=batch, max_steps=n_steps, logging_steps=1000, disable_tqdm=True,
                   bf16=bf16, use_cpu=True, gradient_checkpointing=False, seed=a.seed, max_length=a.max_length,
@@ -143,19 +204,23 @@ def main() -> None:
             trainer = T.RewardTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                                       callbacks=[timer])
     setup_s = time.perf_counter() - t0
+    trained_per_row, token_columns = count_trained_tokens(trainer.train_dataset, a.max_length)
     trainer.train()
-    times = sorted(timer.times[a.warmup:])
-    median = times[len(times) // 2] if len(times) % 2 else sum(times[len(times) // 2 - 1: len(times) // 2 + 1]) / 2
-    tokens_per_step = _count_tokens(tok, rows, a.task) * batch
-    n_params = sum(p.numel() for p in model.parameters())
-    # forward 2N + backward (input grads only, frozen base) 2N per trained token; + 2N for a reference forward
-    flops_per_token = (4 + (2 if a.task in ("dpo", "kto") and not a.precompute_ref else 0)) * n_params
+    med = median(timer.times[a.warmup:])
+    tokens_per_step = trained_per_row * batch
+    template_tokens_per_step = count_tokens(tok, rows, a.task, a.max_length) * batch
+    # forward 2N + backward (input gradients only: the base is frozen under LoRA) 2N per trained token, + 2N
+    # for a reference forward inside the step; LoRA's own matmuls (~1% of N) and attention are not counted
+    flops_per_token = (4 + (2 if a.task in ("dpo", "kto") and not a.precompute_ref else 0)) * n_matmul
     out = {
-        "lib": a.lib, "task": a.task, "layout": a.layout if a.lib == "hfrlhf" else "trl", "precision": a.precision,
+        "lib": a.lib, "task": a.task, "layout": a.layout if a.lib == "hfrlhf" else "trl", "precision": precision,
         "precompute_ref": a.precompute_ref, "batch": batch, "max_length": a.max_length,
-        "step_times": timer.times, "median_step_s": median, "tokens_per_step": tokens_per_step,
-        "tokens_per_s": tokens_per_step / median, "gflops": flops_per_token * tokens_per_step / median / 1e9,
+        "long": a.long, "threads": torch.get_num_threads(),
+        "step_times": timer.times, "median_step_s": med, "tokens_per_step": tokens_per_step,
+        "template_tokens_per_step": template_tokens_per_step, "token_columns": token_columns,
+        "tokens_per_s": tokens_per_step / med, "flops_per_token": flops_per_token, "gflops": flops_per_token * tokens_per_step / med / 1e9,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "setup_s": setup_s,
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
     }
     sys.stdout.write("BENCH " + json.dumps(out) + "\n")
 
