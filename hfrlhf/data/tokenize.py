@@ -198,6 +198,12 @@ def tokenize_prompt_completions(
     fields = list(fields) if fields is not None else ["completion"] * len(completions)
     chat = _is_chat(prompt)
     _check_form(prompt, chat, "prompt")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the data is chat messages but the tokenizer has no chat template: set tokenizer.chat_template "
+            "(or load a chat model's tokenizer), or give prompts and completions as plain text",
+            field="prompt", reason="no chat template",
+        )
     prompt_text = _prompt_text(tokenizer, prompt)
     prompt_ids = _encode(tokenizer, prompt_text)
     completions_ids = []

@@ -189,7 +189,7 @@ def prepare_dataset(
     if len(records) == 0:
         raise ValueError(f"{name} is empty: there is nothing to train or evaluate on")
     with args.main_process_first(desc=f"tokenizing {name}"):
-        return tokenize_dataset(
+        tokenized = tokenize_dataset(
             records,
             tokenizer,
             max_length=args.max_length,
@@ -197,6 +197,12 @@ def prepare_dataset(
             drop_invalid=args.drop_invalid_rows,
             num_proc=args.dataset_num_proc,
         )
+    if len(tokenized) == 0:
+        raise ValueError(
+            f"{name} is empty after tokenization: every row's prompt left no room for a completion within "
+            f"max_length={args.max_length}; raise max_length or set max_prompt_length"
+        )
+    return tokenized
 
 
 def attach_peft(model: PreTrainedModel, peft_config: Any, args: HfrlhfConfig) -> nn.Module:
@@ -346,6 +352,13 @@ class HfrlhfTrainer(Trainer):
                 f"checkpoint {resume_from_checkpoint} is incomplete or missing (no valid {TRAINER_STATE_NAME}): it was "
                 "not written to the end; resume from an earlier checkpoint or with resume_from_checkpoint=True"
             )
+        elif not resume_from_checkpoint and self.args.should_save and os.path.isdir(self.args.output_dir):
+            old = sorted(n for n in os.listdir(self.args.output_dir) if _CHECKPOINT_RE.match(n))
+            if old:
+                logger.warning(
+                    "output_dir %s already holds checkpoints from an earlier run (%s): this run starts from scratch "
+                    "and overwrites those of the same step; pass resume_from_checkpoint=True to continue instead, "
+                    "or use an empty output_dir", self.args.output_dir, ", ".join(old))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -1,0 +1,139 @@
+"""Edge cases with a defined behaviour: each either trains or stops early with a message saying what to change."""
+
+import copy
+import json
+import logging
+
+import pytest
+from datasets import Dataset
+from transformers import PrinterCallback
+
+from hfrlhf.data.errors import DataError
+from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.trainers.dpo import DPOConfig, DPOTrainer
+from hfrlhf.trainers.kto import KTOConfig, KTOTrainer
+from hfrlhf.trainers.reward import RewardConfig, RewardTrainer
+
+PAIRS = [{"prompt": "Hi", "chosen": " yes", "rejected": " no"},
+         {"prompt": "Count", "chosen": " one two", "rejected": " four"},
+         {"prompt": "The food", "chosen": " was good", "rejected": " boring"}]
+CHAT = [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "assistant", "content": "no"}]}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def _args(tmp_path, cls=DPOConfig, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", per_device_train_batch_size=8,
+                max_steps=1, logging_steps=1, disable_tqdm=True, seed=0, max_length=32)
+    base.update(kw)
+    return cls(**base)
+
+
+def _dpo(tmp_path, tok, data, **kw):
+    trainer = DPOTrainer(build_tiny_llama(tok, seed=1), args=_args(tmp_path, **kw), train_dataset=data,
+                         processing_class=tok)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+@pytest.mark.parametrize("data", [[], Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})],
+                         ids=["list", "dataset"])
+def test_empty_dataset_is_a_data_error(tmp_path, tok, data):
+    with pytest.raises(DataError, match="expected at least one row, got none"):
+        _dpo(tmp_path, tok, data)
+
+
+def test_every_row_dropped_is_an_error_not_an_empty_run(tmp_path, tok):
+    rows = [{"prompt": "Hi " * 40, "chosen": " yes", "rejected": " no"}]
+    with pytest.raises(ValueError, match="train_dataset is empty after tokenization: every row"):
+        _dpo(tmp_path, tok, rows, drop_invalid_rows=True)
+
+
+def test_dataset_smaller_than_a_batch_trains_on_a_smaller_batch(tmp_path, tok):
+    trainer = _dpo(tmp_path, tok, PAIRS, max_steps=2)  # 3 rows, batch 8
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert [h["epoch"] for h in trainer.state.log_history if "loss" in h] == [1.0, 2.0]  # one batch of 3 per epoch
+    assert len(trainer.get_train_dataloader()) == 1
+
+
+def test_listwise_row_with_one_response_names_row_and_field(tmp_path, tok):
+    rows = [{"prompt": "Hi", "responses": [" yes", " no"], "scores": [1.0, 0.0]},
+            {"prompt": "Hi", "responses": [" yes"], "scores": [1.0]}]
+    with pytest.raises(DataError, match=r"row 1, field 'responses': expected a list of at least 2") as info:
+        _dpo(tmp_path, tok, rows, loss_type="pro")
+    assert info.value.row == 1 and info.value.field == "responses"
+
+
+def test_kto_batch_with_a_single_label_kind_trains_with_finite_loss(tmp_path, tok):
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in PAIRS]
+    trainer = KTOTrainer(build_tiny_llama(tok, seed=1), args=_args(tmp_path, KTOConfig, max_steps=2),
+                         train_dataset=rows, processing_class=tok)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(loss == loss and abs(loss) < float("inf") for loss in losses)
+    assert trainer.nonfinite_skipped == 0
+
+
+def test_prompt_longer_than_max_length(tmp_path, tok):
+    rows = PAIRS + [{"prompt": "The quick brown fox " * 20, "chosen": " yes", "rejected": " no"}]
+    # by default: an error naming the row and the field, and the two settings that fix it
+    with pytest.raises(DataError, match=r"row 3, field 'prompt': the prompt has \d+ tokens.*max_length=32"):
+        _dpo(tmp_path, tok, rows)
+    # with max_prompt_length: the prompt keeps its end and the row trains
+    kept = _dpo(tmp_path, tok, rows, max_prompt_length=16)
+    assert len(kept.train_dataset) == 4 and kept.train_dataset[3]["truncated"]
+    assert kept.train_dataset[3]["num_prompt_tokens"] <= 16
+    assert all(r["num_prompt_tokens"] + max(r["num_completion_tokens"]) <= 32 for r in kept.train_dataset)
+    # with drop_invalid_rows: the row is dropped with a warning
+    with pytest.warns(UserWarning, match="dropped 1 of 4 rows"):
+        dropped = _dpo(tmp_path, tok, rows, drop_invalid_rows=True)
+    assert len(dropped.train_dataset) == 3
+
+
+def test_tokenizer_without_pad_token(tmp_path, tok):
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    # policy trainers refuse with the fix in the message ...
+    with pytest.raises(ValueError, match="the tokenizer has no pad token: set tokenizer.pad_token"):
+        _dpo(tmp_path, no_pad, PAIRS)
+    # ... the reward trainer pads with EOS (the reward is read at each sequence's own last token, not at pads)
+    rm = RewardTrainer(build_tiny_llama(tok, seed=1), args=_args(tmp_path, RewardConfig), train_dataset=PAIRS,
+                       processing_class=copy.deepcopy(no_pad))
+    assert rm.processing_class.pad_token_id == tok.eos_token_id
+    rm.remove_callback(PrinterCallback)
+    rm.train()
+    # and with the suggested fix the DPO run works
+    no_pad.pad_token = no_pad.eos_token
+    _dpo(tmp_path, no_pad, PAIRS).train()
+
+
+def test_model_without_chat_template(tmp_path, tok):
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    with pytest.raises(DataError, match=r"row 0, field 'prompt': the data is chat messages but the tokenizer has no "
+                                        r"chat template"):
+        _dpo(tmp_path, plain, CHAT)
+    trainer = _dpo(tmp_path, plain, PAIRS)  # plain-text rows need no template
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_existing_non_empty_output_dir(tmp_path, tok, caplog):
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    (out / "notes.txt").write_text("kept")
+    trainer = _dpo(tmp_path, tok, PAIRS, save_strategy="steps", save_steps=1)
+    with caplog.at_level(logging.WARNING, logger="hfrlhf.trainers.base"):
+        trainer.train()
+    # a fresh run: warned about the earlier checkpoints, wrote its own next to them, left other files alone
+    assert "already holds checkpoints from an earlier run (checkpoint-5)" in caplog.text
+    assert trainer.state.global_step == 1 and (out / "checkpoint-1" / "trainer_state.json").is_file()
+    assert (out / "notes.txt").read_text() == "kept" and (out / "checkpoint-5").is_dir()
