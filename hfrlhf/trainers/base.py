@@ -68,6 +68,12 @@ class HfrlhfConfig(TrainingArguments):
         default=1024, metadata={"help": "Scored tokens per chunk when computing log-probs over the vocabulary."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the policy (and reference)."})
+    hub_token: str | None = field(
+        default=None,
+        repr=False,  # never shown by repr(), and dropped when the config is pickled (see __getstate__)
+        metadata={"help": "Token used to push to the Hub (default: the one saved by `hf auth login`). Never "
+                          "printed, logged, or written with the saved arguments."},
+    )
     nonfinite_loss: str = field(
         default="skip",
         metadata={"help": "What to do on a NaN/inf loss or gradient: 'skip' the micro-batch (loss) or the optimizer "
@@ -97,6 +103,12 @@ class HfrlhfConfig(TrainingArguments):
         if self.nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"nonfinite_loss must be 'skip' or 'raise', got {self.nonfinite_loss!r}")
         super().__post_init__()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The Trainer pickles its arguments into every checkpoint (training_args.bin): leave the token out.
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
 
 
 def accelerator_available() -> bool:
