@@ -8,6 +8,9 @@
 3. :func:`evaluate_before`: held-out metrics before training, to compare with after.
 4. :func:`finish`: save (adapter only with LoRA), trainer state and run config, model card, plot, merged
    model, push; returns a :class:`RunResult` and prints what the run learned and where it went.
+
+:func:`train_and_finish` takes a run through all four for a trainer built the usual way (SFT, reward, DPO,
+KTO); PPO, which also needs a reward, calls the steps itself.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from hfrlhf.trainers.base import HfrlhfConfig
 from hfrlhf.workflows.args import SECRET_FIELDS, ScriptArguments, save_yaml
 
 __all__ = ["HubTarget", "RunResult", "prepare", "load_policy", "load_reward", "evaluate_before", "finish",
-           "merge_adapter", "print_summary"]
+           "merge_adapter", "print_summary", "train_and_finish"]
 
 logger = logging.getLogger("hfrlhf.workflows")
 
@@ -329,3 +332,41 @@ def print_summary(method: str, result: RunResult, *, eval_rows: int = 0) -> None
     if result.hub_url:
         lines.append(f"pushed to: {result.hub_url}")
     print("\n".join(lines), flush=True)
+
+
+def train_and_finish(
+    method: str,
+    trainer_cls: type[Trainer],
+    script_args: ScriptArguments,
+    training_args: TrainingArguments,
+    model_args: ModelArguments,
+    *,
+    data_kind: str,
+    reward_model: bool = False,
+) -> RunResult:
+    """One whole run: steps 1 to 4 for ``trainer_cls`` (called as TRL's trainers are) on ``data_kind`` records.
+
+    ``reward_model=True`` loads a one-output sequence classifier (a new score head, trained and saved with
+    the adapter under LoRA) instead of a causal LM.
+    """
+    from hfrlhf.workflows.data import describe_source, load_splits
+
+    started = time.time()
+    hub = prepare(training_args)
+
+    # 1. model, tokenizer and LoRA config (with LoRA, DPO/KTO's reference is the policy with its adapter off)
+    model, tokenizer, peft_config = (load_reward if reward_model else load_policy)(model_args)
+
+    # 2. data of the kind the trainer's loss takes, with held-out rows when asked
+    train_data, eval_data = load_splits(script_args, kind=data_kind, seed=training_args.seed)
+
+    # 3. the trainer
+    trainer = trainer_cls(model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
+                          processing_class=tokenizer, peft_config=peft_config)
+
+    # 4. held-out metrics before, training, then save / evaluate / plot / merge / push
+    before = evaluate_before(trainer, script_args)
+    output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return finish(trainer, method, script_args, training_args, model_args, hub=hub, metrics_before=before,
+                  train_output=output, data_name=describe_source(script_args), reward_model=reward_model,
+                  started=started)
