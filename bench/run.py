@@ -4,9 +4,13 @@ Each run is a fresh process (``bench/worker.py``) so peak RSS is per run; the tw
 every configuration repeats ``--repeats`` times. Results go to ``bench/results/<name>.json`` and the table
 in ``docs/benchmarks.md`` is rebuilt from every results file.
 
-    python bench/run.py --tasks dpo kto reward --repeats 3          # the main table
+    python bench/run.py --tasks dpo kto reward --repeats 3 --quick   # the main table (main.json)
+    python bench/run.py --tasks ablation --name ablation               # hfrlhf's layouts and cached reference
+    python bench/run.py --ppo                                          # PPO against TRL 1.12 (ppo.json)
     python bench/run.py --memory --lengths 256 512 1024 2048          # peak memory against length
     python bench/run.py --report                                      # rebuild docs/benchmarks.md only
+
+``bash bench/all.sh`` runs them all with the settings of the published page.
 """
 
 from __future__ import annotations
@@ -15,19 +19,22 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from report import report
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DOC = ROOT / "docs" / "benchmarks.md"
 
 
-def run_worker(args: list[str]) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "worker.py"), *args]
+TRL112_PYTHON = ROOT / "bench" / ".venv-trl112" / "bin" / "python"
+
+
+def run_worker(args: list[str], script: str = "worker.py", python: str | os.PathLike = sys.executable) -> dict:
+    cmd = [str(python), str(ROOT / "bench" / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH "):
@@ -35,130 +42,144 @@ def run_worker(args: list[str]) -> dict:
     raise RuntimeError(f"benchmark run failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
 
 
-def matmul_peak(n: int = 2048, reps: int = 20) -> dict:
-    """Measured bf16 and fp32 matmul throughput of this machine (GFLOP/s): the ceiling for training."""
+def matmul_peak(threads: int | None = None, seconds: float = 1.5) -> dict:
+    """Measured bf16 and fp32 matmul throughput (GFLOP/s) at ``threads``: the ceiling for training.
+
+    Square matmuls of up to 2048; smaller where a dtype is so slow (bf16 without bf16 units runs hundreds of
+    times slower than fp32) that one 2048 product would take more than half a second.
+    """
     import torch
 
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     out = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        for _ in range(3):
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            n = 256
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             a @ b
-        t = time.perf_counter()
-        for _ in range(reps):
+            t = time.perf_counter()
             a @ b
-        out[str(dtype).replace("torch.", "")] = 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+            rate = 2 * n**3 / max(time.perf_counter() - t, 1e-9)
+            while n < 2048 and 2 * (2 * n) ** 3 / rate < 0.5:
+                n *= 2
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a @ b
+            reps, t = 0, time.perf_counter()
+            while reps == 0 or time.perf_counter() - t < seconds:
+                a @ b
+                reps += 1
+            out[str(dtype).replace("torch.", "")] = 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+            out[f"{str(dtype).replace('torch.', '')}_n"] = n
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
-def summarise(runs: list[dict]) -> dict:
-    return {
-        "median_step_s": statistics.median(r["median_step_s"] for r in runs),
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-        "gflops": statistics.median(r["gflops"] for r in runs),
-        "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
-        "repeats": len(runs),
-    }
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
-def main_table(tasks: list[str], repeats: int, steps: int, variants: dict[str, list[str]], name: str) -> None:
+VARIANTS: dict[str, dict[str, list[str]]] = {
+    # label -> worker flags; labels starting with "trl" run TRL, the others hfrlhf
+    "dpo": {"trl": [], "hfrlhf": ["--layout", "shared_prompt"],
+            "hfrlhf+cached-ref": ["--layout", "shared_prompt", "--precompute_ref"],
+            "hfrlhf padded": ["--layout", "padded"], "hfrlhf packed": ["--layout", "packed"]},
+    # the other layouts; shared_prompt with and without the cached reference are in the main table
+    "ablation": {"hfrlhf padded": ["--layout", "padded"], "hfrlhf packed": ["--layout", "packed"]},
+    "kto": {"trl": [], "hfrlhf": ["--layout", "padded"]},
+    "reward": {"trl": [], "hfrlhf": ["--layout", "shared_prompt"]},
+}
+
+
+def main_table(tasks: list[str], repeats: int, common: list[str], name: str, quick: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "matmul_gflops": matmul_peak()},
-              "command": "python " + " ".join(sys.argv), "runs": []}
+    record = {"machine": machine(), "command": "python " + " ".join(sys.argv), "loadavg_start": _loadavg(),
+              "runs": []}
     for task in tasks:
+        variants = VARIANTS[task]
+        if quick:
+            variants = {k: v for k, v in variants.items() if k in ("trl", "hfrlhf", "hfrlhf+cached-ref")}
         for rep in range(repeats):
             for label, extra in variants.items():  # alternate the libraries inside each repeat
                 lib = "trl" if label.startswith("trl") else "hfrlhf"
-                res = run_worker(["--lib", lib, "--task", task, "--steps", str(steps), "--seed", "0", *extra])
-                res["variant"] = label
+                worker_task = "dpo" if task == "ablation" else task
+                res = run_worker(["--lib", lib, "--task", worker_task, "--seed", "0", *common, *extra])
+                res["variant"], res["repeat"] = label, rep
                 record["runs"].append(res)
-                print(f"{task} {label} rep {rep}: {res['median_step_s']:.2f} s/step, "
-                      f"{res['tokens_per_s']:.0f} tok/s, {res['peak_rss_gb']:.2f} GB", flush=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
+                print(f"{task} {label} rep {rep}: {res['median_step_s']:.2f} s/step, {res['tokens_per_s']:.0f} tok/s, "
+                      f"{res['peak_rss_gb']:.2f} GB, load {res['loadavg_start'][0]:.1f}->{res['loadavg_end'][0]:.1f}",
+                      flush=True)
+                # write after every run: a long benchmark interrupted still leaves its results
+                record["loadavg_end"] = _loadavg()
+                (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
 
 
-def memory_scaling(lengths: list[int], name: str) -> None:
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    from hfrlhf.models.loading import bf16_supported
+
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "bf16_supported": bf16_supported(), "torch_threads": torch.get_num_threads(),
+            "matmul_gflops": matmul_peak(), "matmul_gflops_1_thread": matmul_peak(1)}
+
+
+def memory_scaling(lengths: list[int], common: list[str], batch: int, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python " + " ".join(sys.argv), "runs": []}
+    record = {"command": "python " + " ".join(sys.argv), "loadavg_start": _loadavg(), "runs": []}
     for length in lengths:
         for lib, extra in (("trl", []), ("hfrlhf", ["--layout", "shared_prompt"])):
-            res = run_worker(["--lib", lib, "--task", "dpo", "--steps", "1", "--warmup", "1", "--batch", "2",
-                              "--max_length", str(length), "--long", *extra])
+            res = run_worker(["--lib", lib, "--task", "dpo", "--steps", "1", "--warmup", "0", "--batch", str(batch),
+                              "--max_length", str(length), "--long", *common, *extra])
             record["runs"].append(res)
             print(f"len {length} {lib}: {res['peak_rss_gb']:.2f} GB, {res['median_step_s']:.1f} s/step", flush=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
+            record["loadavg_end"] = _loadavg()
+            (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
 
 
-def report() -> None:
-    lines = ["# Benchmarks", "",
-             "hfrlhf against TRL 1.16 on this CPU: the same model (bundled SmolLM2-135M-Instruct + LoRA r=16 on all",
-             "linear layers), the same synthetic data (prompts 20-200 tokens, completions 20-300 tokens, seeded), the",
-             "same batch, `max_length` and precision (bf16 autocast for both), each run in its own process, the",
-             "libraries alternating, medians over repeats. Regenerate everything with `bash bench/all.sh`.", ""]
-    main = RESULTS / "main.json"
-    if main.exists():
-        rec = json.loads(main.read_text())
-        peak = rec["machine"]["matmul_gflops"]
-        lines += [f"Machine: {rec['machine']['cpu_count']} cores; measured 2048x2048 matmul peak "
-                  f"{peak['bfloat16']:.0f} GFLOP/s bf16, {peak['float32']:.0f} GFLOP/s fp32.", "",
-                  f"Command: `{rec['command']}`", "",
-                  "| task | variant | s/step | trained tokens/s | GFLOP/s (% of bf16 peak) | peak RSS GB | speed vs TRL | RSS vs TRL |",
-                  "|---|---|---|---|---|---|---|---|"]
-        by: dict[tuple[str, str], list[dict]] = {}
-        for r in rec["runs"]:
-            by.setdefault((r["task"], r["variant"]), []).append(r)
-        for (task, variant), runs in sorted(by.items()):
-            s = summarise(runs)
-            trl_runs = by.get((task, "trl"))
-            t = summarise(trl_runs) if trl_runs else None
-            ratio = f"{s['tokens_per_s'] / t['tokens_per_s']:.2f}x" if t else "-"
-            mem = f"{s['peak_rss_gb'] / t['peak_rss_gb']:.2f}x" if t else "-"
-            lines.append(f"| {task} | {variant} | {s['median_step_s']:.2f} | {s['tokens_per_s']:.0f} | "
-                         f"{s['gflops']:.0f} ({100 * s['gflops'] / peak['bfloat16']:.0f}%) | {s['peak_rss_gb']:.2f} | "
-                         f"{ratio} | {mem} |")
-        lines += ["", "GFLOP/s counts model FLOPs only: 2N per token forward, 2N backward (input gradients; the base is",
-                  "frozen under LoRA), and 2N for a reference forward when the reference runs during the step, with N",
-                  "the parameter count. Attention and the LoRA matmuls are not counted.", ""]
-    mem = RESULTS / "memory.json"
-    if mem.exists():
-        rec = json.loads(mem.read_text())
-        lines += ["## Peak memory against sequence length", "", f"Command: `{rec['command']}`", "",
-                  "| max_length | TRL peak RSS GB | hfrlhf peak RSS GB |", "|---|---|---|"]
-        rows: dict[int, dict[str, float]] = {}
-        for r in rec["runs"]:
-            rows.setdefault(r["max_length"], {})[r["lib"]] = r["peak_rss_gb"]
-        for length, v in sorted(rows.items()):
-            lines.append(f"| {length} | {v.get('trl', float('nan')):.2f} | {v.get('hfrlhf', float('nan')):.2f} |")
-        _plot_memory(rows)
-        lines += ["", "![peak memory against length](benchmarks_memory.png)", ""]
-    DOC.write_text("\n".join(lines) + "\n")
-    print(f"wrote {DOC}")
+def ppo(repeats: int, common: list[str], steps: int, warmup: int, name: str) -> None:
+    """hfrlhf's PPOTrainer against TRL 1.12's, each in its own environment, alternating."""
+    if not TRL112_PYTHON.exists():
+        raise SystemExit("TRL 1.12 is not installed: run bash bench/setup_trl112.sh first")
+    from hfrlhf.models.bundled import bundled_model_path
 
-
-def _plot_memory(rows: dict[int, dict[str, float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = sorted(rows)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for lib in ("trl", "hfrlhf"):
-        ax.plot(xs, [rows[x].get(lib, float("nan")) for x in xs], marker="o", label=lib)
-    ax.set_xlabel("max_length (tokens)")
-    ax.set_ylabel("peak RSS (GB)")
-    ax.set_title("DPO, SmolLM2-135M + LoRA, batch 2 pairs")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(DOC.parent / "benchmarks_memory.png", dpi=120)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {"command": "python " + " ".join(sys.argv), "loadavg_start": _loadavg(), "runs": []}
+    args = ["--model_path", str(bundled_model_path()), "--steps", str(steps), "--warmup", str(warmup), *common]
+    for rep in range(repeats):
+        for lib, python in (("trl", TRL112_PYTHON), ("hfrlhf", sys.executable)):
+            res = run_worker(["--lib", lib, *args], script="ppo_worker.py", python=python)
+            res["variant"], res["repeat"] = lib, rep
+            record["runs"].append(res)
+            print(f"ppo {lib} rep {rep}: {res['median_step_s']:.1f} s/step, {res['rollout_tokens_per_s']:.1f} rollout tok/s, "
+                  f"{res['peak_rss_gb']:.2f} GB", flush=True)
+            record["loadavg_end"] = _loadavg()
+            (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["dpo", "kto", "reward"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=2, help="pairs per step (KTO: twice as many single completions)")
+    ap.add_argument("--max_length", type=int, default=512)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every run (both libraries)")
+    ap.add_argument("--quick", action="store_true", help="TRL, the default hfrlhf variant and cached reference only (no layout ablation)")
+    ap.add_argument("--memory", action="store_true", help="peak memory against --lengths (DPO, data filling max_length)")
+    ap.add_argument("--ppo", action="store_true", help="PPO against TRL 1.12 (needs bash bench/setup_trl112.sh)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048])
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--name", default=None)
@@ -166,12 +187,15 @@ def main() -> None:
     if a.report:
         report()
         return
-    if a.memory:
-        memory_scaling(a.lengths, a.name or "memory")
+    common = ["--precision", a.precision] + (["--threads", str(a.threads)] if a.threads else [])
+    if a.ppo:
+        ppo(a.repeats, common, a.steps, a.warmup, a.name or "ppo")
+    elif a.memory:
+        memory_scaling(a.lengths, common, a.batch, a.name or "memory")
     else:
-        variants = {"trl": [], "hfrlhf": ["--layout", "shared_prompt"],
-                    "hfrlhf+cached-ref": ["--layout", "shared_prompt", "--precompute_ref"]}
-        main_table(a.tasks, a.repeats, a.steps, variants, a.name or "main")
+        common += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
+                   "--max_length", str(a.max_length)]
+        main_table(a.tasks, a.repeats, common, a.name or "main", a.quick)
     report()
 
 

@@ -105,6 +105,31 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if bf16_supported() else "fp32"
 
 
+def matmul_rate(dtype_name: str, n: int = 1024, seconds: float = 1.0) -> float:
+    """GFLOP/s of square ``n`` matmuls in this process, now: the ceiling under the run's own conditions
+    (thread count, and whatever else the machine is doing). bf16 without bf16 units uses n=256: it is slow."""
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    n = n if dtype == torch.float32 or _bf16_fast() else 256
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, t = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - t < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def _bf16_fast() -> bool:
+    import torch
+
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def median(xs: list[float]) -> float:
     xs = sorted(xs)
     m = len(xs) // 2
@@ -204,8 +229,10 @@ def main() -> None:
             trainer = T.RewardTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                                       callbacks=[timer])
     setup_s = time.perf_counter() - t0
+    peak_start = matmul_rate(precision)
     trained_per_row, token_columns = count_trained_tokens(trainer.train_dataset, a.max_length)
     trainer.train()
+    peak_end = matmul_rate(precision)
     med = median(timer.times[a.warmup:])
     tokens_per_step = trained_per_row * batch
     template_tokens_per_step = count_tokens(tok, rows, a.task, a.max_length) * batch
@@ -221,6 +248,7 @@ def main() -> None:
         "tokens_per_s": tokens_per_step / med, "flops_per_token": flops_per_token, "gflops": flops_per_token * tokens_per_step / med / 1e9,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "setup_s": setup_s,
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "matmul_gflops_run": [peak_start, peak_end],
     }
     sys.stdout.write("BENCH " + json.dumps(out) + "\n")
 
