@@ -387,14 +387,6 @@ class RewardTrainer(HfrlhfTrainer):
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(count.reshape(1)).sum().item())
         self._metrics[self._mode]["num_tokens"] = [float(self._total_train_tokens)]
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """As the base class; a metric ``compute_metrics`` returned (exact over the whole evaluation set) is kept
-        instead of the average of per-batch values under the same name."""
-        if not self.model.training:
-            for key in [k for k in self._metrics["eval"] if f"eval_{k}" in logs]:
-                del self._metrics["eval"][key]
-        super().log(logs, start_time)
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The loss and, when ``compute_metrics`` is set, rewards as predictions (see the class docstring)."""
         inputs = self._prepare_inputs(inputs)
