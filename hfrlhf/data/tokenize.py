@@ -409,3 +409,83 @@ def tokenize_dataset(
             stacklevel=2,
         )
     return out
+
+
+def _id_columns(kind: str) -> list[str]:
+    return ["prompt_ids"] + (["responses_ids"] if kind == "listwise" else [f"{f}_ids" for f in _COMPLETION_FIELDS[kind]])
+
+
+def check_tokenized(dataset: Dataset, vocab_size: int, *, source: str | None = None) -> None:
+    """Check already tokenized records before they reach a model: every id column present, each sequence a
+    non-empty list of ints in ``[0, vocab_size)``. A bad value would otherwise fail inside the forward pass
+    (an embedding index error) far from the row that caused it.
+
+    Raises:
+        DataError: naming the source, the row and the column of the first bad value.
+
+    >>> rows = Dataset.from_list([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 900]}])
+    >>> check_tokenized(rows, vocab_size=320)
+    Traceback (most recent call last):
+    ...
+    hfrlhf.data.errors.DataError: dataset: row 0, field 'rejected_ids': token id 900 is outside the vocabulary (0..319)
+    """
+    source = source or dataset.info.dataset_name or "dataset"
+    kind = next((k for k in ("pairwise", "listwise", "unpaired", "sft") if all(
+        c in dataset.column_names for c in _id_columns(k))), "prompt")
+    columns = [c for c in _id_columns(kind) if c in dataset.column_names]
+    if "prompt_ids" not in columns:
+        raise DataError(f"tokenized records need a 'prompt_ids' column; got {dataset.column_names}", source=source)
+    for column in columns:
+        nested = column == "responses_ids"
+        if _ids_look_valid(dataset, column, vocab_size, nested):
+            continue
+        for row, value in enumerate(dataset[column]):
+            sequences = value if nested and isinstance(value, list) else [value]
+            if nested and (not isinstance(value, list) or len(value) < 2):
+                raise DataError("expected a list of at least 2 token-id lists", source=source, row=row, field=column)
+            for ids in sequences:
+                problem = _ids_problem(ids, vocab_size)
+                if problem:
+                    raise DataError(problem, source=source, row=row, field=column, reason=problem.split(":")[0])
+
+
+def _ids_look_valid(dataset: Dataset, column: str, vocab_size: int, nested: bool) -> bool:
+    """Fast path over the Arrow column: integer ids in range, no empty list and no null. False means "look
+    row by row" (it also covers types this check does not know)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        col = dataset.data.table.column(column).combine_chunks() if hasattr(dataset.data, "table") else None
+        if col is None:
+            return False
+        if len(dataset) != len(col):  # an indices mapping (select/shuffle) is in place: go row by row
+            return False
+        levels = [col]
+        if nested:
+            if col.null_count or pc.min(pc.list_value_length(col)).as_py() < 2:
+                return False
+            levels.append(pc.list_flatten(col))
+        inner = levels[-1]
+        if not pa.types.is_list(inner.type) and not pa.types.is_large_list(inner.type):
+            return False
+        if inner.null_count or pc.min(pc.list_value_length(inner)).as_py() < 1:
+            return False
+        ids = pc.list_flatten(inner)
+        if not pa.types.is_integer(ids.type) or ids.null_count:
+            return False
+        bounds = pc.min_max(ids).as_py()
+        return bounds["min"] >= 0 and bounds["max"] < vocab_size
+    except (pa.ArrowException, AttributeError, KeyError, TypeError):
+        return False
+
+
+def _ids_problem(ids: Any, vocab_size: int) -> str | None:
+    if not isinstance(ids, list) or not ids:
+        return f"expected a non-empty list of token ids, got {ids!r:.40}"
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool):
+            return f"expected integer token ids, got {t!r:.40}"
+        if not 0 <= t < vocab_size:
+            return f"token id {t} is outside the vocabulary (0..{vocab_size - 1})"
+    return None

@@ -187,12 +187,17 @@ def prepare_dataset(
 ) -> Dataset:
     """Load (any supported schema), validate and tokenize ``data`` for a trainer that accepts ``kinds``.
 
-    Already tokenized datasets (with ``prompt_ids``) pass through untouched.
+    Already tokenized datasets (with ``prompt_ids``) are checked (:func:`hfrlhf.data.tokenize.check_tokenized`)
+    and pass through unchanged.
     """
-    if isinstance(data, Dataset) and "prompt_ids" in data.column_names:
-        return data
     from hfrlhf.data.formats import convert_kind, load, record_kind
-    from hfrlhf.data.tokenize import tokenize_dataset
+    from hfrlhf.data.tokenize import check_tokenized, tokenize_dataset
+
+    if isinstance(data, Dataset) and "prompt_ids" in data.column_names:
+        if len(data) == 0:
+            raise ValueError(f"{name} is empty: there is nothing to train or evaluate on")
+        check_tokenized(data, len(tokenizer), source=name)
+        return data
 
     records = load(data, drop_invalid=args.drop_invalid_rows)
     if record_kind(records) not in kinds:
