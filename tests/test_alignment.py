@@ -1,0 +1,184 @@
+"""The controlled-sentiment experiment (experiments/sentiment): data building, evaluation maths, a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "sentiment"
+sys.path.insert(0, str(EXPERIMENT))
+
+import evaluate as ev  # noqa: E402
+import make_data  # noqa: E402
+import prompts  # noqa: E402
+import run as runner  # noqa: E402
+
+pytest.importorskip("vaderSentiment")
+
+
+# --- prompts ---------------------------------------------------------------------------------------------------------
+def test_prompts_train_and_held_out_are_disjoint_in_text_and_topic():
+    train, held = prompts.train_prompts(), prompts.held_out_prompts()
+    assert len(set(train)) == len(train) >= 300 and len(set(held)) == len(held) >= 100
+    assert not set(prompts.TRAIN_TOPICS) & set(prompts.HELD_OUT_TOPICS)
+    assert all(any(t in p for t in prompts.HELD_OUT_TOPICS) for p in held)
+    everything = prompts.train_prompts(n=1000)
+    assert len(everything) == len(prompts.TRAIN_TOPICS) * len(prompts.TRAIN_TEMPLATES)
+    assert prompts.train_prompts(n=1000, seed=1) != everything
+    assert sorted(prompts.train_prompts(n=1000, seed=1)) == sorted(everything)
+
+
+# --- data building on hand-made scored samples ---------------------------------------------------------------------
+GROUPS = [
+    ("p1", ["a", "b", "c", "d"], [0.2, 0.9, -0.4, 0.9]),  # best: b (first of the tie), worst: c
+    ("p2", ["e", "f", "g", "h"], [0.0, 0.0, 0.0, 0.0]),  # all tie: no pair, no list
+    ("p3", ["i", "j", "k", "l"], [0.5, 0.49, 0.7, -0.1]),
+]
+
+
+def test_pairwise_is_best_against_worst_with_margin():
+    data = make_data.build_datasets(GROUPS, threshold=0.5)
+    assert data["pairwise"] == [
+        {"prompt": "p1", "chosen": "b", "rejected": "c", "margin": 1.3},
+        {"prompt": "p3", "chosen": "k", "rejected": "l", "margin": 0.8},
+    ]
+
+
+def test_listwise_keeps_every_completion_with_its_score():
+    data = make_data.build_datasets(GROUPS, threshold=0.5)
+    assert data["listwise"] == [
+        {"prompt": "p1", "responses": ["a", "b", "c", "d"], "scores": [0.2, 0.9, -0.4, 0.9]},
+        {"prompt": "p3", "responses": ["i", "j", "k", "l"], "scores": [0.5, 0.49, 0.7, -0.1]},
+    ]
+
+
+def test_unpaired_labels_come_from_the_threshold_inclusive():
+    data = make_data.build_datasets(GROUPS, threshold=0.5)
+    labels = {(r["prompt"], r["completion"]): r["label"] for r in data["unpaired"]}
+    assert len(data["unpaired"]) == 12  # every completion, ties included
+    assert [k for k, v in labels.items() if v] == [("p1", "b"), ("p1", "d"), ("p3", "i"), ("p3", "k")]
+
+
+def test_shipped_data_is_consistent_with_its_samples():
+    data_dir = EXPERIMENT / "data"
+    if not (data_dir / "meta.json").exists():
+        pytest.skip("data not generated")
+    meta = json.loads((data_dir / "meta.json").read_text())
+    samples = [r for r in make_data.read_jsonl(data_dir / "samples.jsonl") if r["split"] == "train"]
+    assert len(samples) == meta["train_prompts"] >= 300
+    rebuilt = make_data.build_datasets([(prompts.as_messages(r["prompt"]), r["completions"], r["scores"])
+                                        for r in samples], threshold=meta["threshold"])
+    for name in ("pairwise", "listwise", "unpaired"):
+        assert make_data.read_jsonl(data_dir / f"{name}.jsonl") == rebuilt[name]
+    held = set(prompts.held_out_prompts())
+    assert not held & {r["prompt"] for r in make_data.read_jsonl(data_dir / "samples.jsonl")}
+
+
+# --- evaluation maths on hand values -------------------------------------------------------------------------------
+def test_win_rate_by_hand():
+    # prompt means: policy 0.5 vs ref 0.2 (win), 0.5 vs 0.5 (tie), -0.1 vs 0.0 (loss)
+    policy = [0.9, 0.1, 0.5, 0.5, -0.2, 0.0]
+    ref = [0.2, 0.2, 0.6, 0.4, 0.0, 0.0]
+    assert ev.win_rate(policy, ref, n=2) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert ev.win_rate(policy, ref, n=1) == pytest.approx((1 + 0 + 0 + 1 + 0 + 0.5) / 6)
+    with pytest.raises(ValueError):
+        ev.win_rate(policy, ref[:4], n=2)
+
+
+def test_kl_on_samples_by_hand_and_against_the_exact_kl():
+    assert ev.kl_on_samples(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-2.0, -2.5, -0.5])) == pytest.approx(0.5)
+    # Monte-Carlo estimate of KL(p || q) on samples of p approaches the exact value
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    exact = float((p * (p / q).log()).sum())
+    draws = torch.multinomial(p, 200000, replacement=True, generator=torch.Generator().manual_seed(0))
+    estimate = ev.kl_on_samples(p.log()[draws], q.log()[draws])
+    # 0.7 ln(7/3) + 0.2 ln(2/3) + 0.1 ln(1/4) = 0.5931 - 0.0811 - 0.1386
+    assert exact == pytest.approx(0.3734, abs=1e-4) and estimate == pytest.approx(exact, abs=0.01)
+
+
+def test_results_table_and_docs_markers(tmp_path):
+    res = {"seed": 3, "reference": {"gold": 0.25, "length": 30.0},
+           "reward_model": {"accuracy": 0.9, "seconds": 12.0},
+           "methods": {"dpo": {"label": "DPO", "gold": 0.75, "win_rate": 0.8, "kl": 4.5, "length": 31.0,
+                               "train_seconds": 60.0}}}
+    table = runner.results_table([res])
+    assert "| 3 | DPO | 0.750 | +0.500 | 0.80 | 4.50 | 31.0 | 60 s |" in table
+    doc = tmp_path / "a.md"
+    doc.write_text(f"intro\n{runner.TABLE_START}\nstale rows\n{runner.TABLE_END}\noutro\n")
+    pytest.importorskip("matplotlib")
+    runner.update_docs([res], doc, tmp_path / "p.png")
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale rows" not in text and table in text
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+# --- a tiny end-to-end run: every stage and method on tiny models ------------------------------------------------------
+def _tiny_experiment(tmp_path: Path) -> runner.Experiment:
+    from transformers import LlamaForSequenceClassification
+
+    from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    groups = [(prompts.as_messages(p), [f"good day {i}", f"bad {i}", f"fine {i}", f"ok {i}"],
+               [0.8, -0.5, 0.3 + 0.01 * i, 0.1]) for i, p in enumerate(prompts.train_prompts(16))]
+    data = make_data.build_datasets(groups[:12], threshold=0.5)
+    for name, records in data.items():
+        make_data.write_jsonl(tmp_path / "data" / f"{name}.jsonl", records)
+    make_data.write_jsonl(tmp_path / "data" / "rm_eval_pairwise.jsonl", make_data.build_datasets(groups[12:])["pairwise"])
+
+    def reward_model():
+        config = build_tiny_llama(tok).config
+        config.num_labels = 1
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(config)
+
+    short = {"max_steps": 2, "logging_steps": 1}
+    methods = {name: runner.Method(m.trainer, m.data, {**m.config, **short}, m.reward, m.label)
+               for name, m in runner.METHODS.items()}
+    for name in ("ppo_rm", "ppo_gold", "rloo"):
+        methods[name].config.update(response_length=6, per_device_train_batch_size=2)
+    methods["reward_model"].config.update(num_train_epochs=1)
+    return runner.Experiment(seed=0, methods=methods, data_dir=tmp_path / "data", output_dir=tmp_path / "out",
+                             eval_prompts=prompts.held_out_prompts(4), eval_samples=2,
+                             generation=runner.GenerationSettings(max_new_tokens=6, batch_size=4),
+                             load_policy=lambda: (build_tiny_llama(tok), tok), load_reward=reward_model)
+
+
+def test_tiny_pipeline_runs_every_method_and_reports(tmp_path):
+    exp = _tiny_experiment(tmp_path)
+    results = runner.run(exp, log=lambda s: None)
+    assert set(results["methods"]) == set(runner.METHODS) - {"reward_model"}
+    assert 0.0 <= results["reward_model"]["accuracy"] <= 1.0
+    for name, m in results["methods"].items():
+        assert -1.0 <= m["gold"] <= 1.0 and 0.0 <= m["win_rate"] <= 1.0, name
+        assert math.isfinite(m["kl"]) and 1 <= m["length"] <= 6, name
+    saved = json.loads((tmp_path / "out" / "results_seed0.json").read_text())
+    assert saved["methods"].keys() == results["methods"].keys()
+
+
+def test_reference_has_zero_kl_and_even_win_rate(tmp_path):
+    """An untrained adapter (LoRA B = 0) is the reference: same samples with the same seed, KL 0, win rate 1/2."""
+    from peft import get_peft_model
+
+    from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    settings = runner.GenerationSettings(max_new_tokens=6, batch_size=3)
+    held = prompts.held_out_prompts(3)
+    ref = ev.reference_samples(build_tiny_llama(tok), tok, held, settings, n=2, seed=5)
+    policy = get_peft_model(build_tiny_llama(tok), runner._lora("CAUSAL_LM"))
+    out = ev.evaluate_policy(policy, tok, held, settings, ref, n=2, seed=5)
+    assert out["win_rate"] == 0.5 and out["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert out["gold"] == pytest.approx(ref["gold"]) and out["length"] == ref["length"]
+
+
+def test_chat_prompts_get_assistant_turn_completions():
+    data = make_data.build_datasets([(prompts.as_messages("Hi?"), ["yes", "no"], [0.9, -0.2])])
+    turn = [{"role": "assistant", "content": "yes"}]
+    assert data["pairwise"][0]["chosen"] == turn and data["listwise"][0]["responses"][0] == turn
+    assert data["unpaired"][0]["completion"] == turn
