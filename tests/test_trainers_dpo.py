@@ -85,6 +85,27 @@ def test_layouts_give_the_padded_loss(tmp_path, tok, data, layout):
     assert losses[layout] == pytest.approx(losses["padded"], abs=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_layouts_give_the_padded_gradients(tmp_path, tok, data, layout):
+    # the fast layouts must train the same model: every parameter's gradient equals the padded layout's.
+    # float64 model (Llama's RMSNorm still rounds through float32, hence not 1e-12); this also checks that the
+    # float32 4D mask is cast to the model's dtype: uncast, the gradients differ by ~1e-2
+    ref = build_tiny_llama(tok, seed=2)
+    grads = {}
+    for lay in ("padded", layout):
+        policy = build_tiny_llama(tok, seed=1).double()
+        trainer = DPOTrainer(policy, ref_model=ref.double(), args=_args(tmp_path, layout=lay, logprob_chunk_size=5),
+                             train_dataset=data, processing_class=tok)
+        batch = trainer.data_collator([data[i] for i in range(4)])
+        trainer.compute_loss(trainer.model, batch).backward()
+        grads[lay] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    assert grads["padded"].keys() == grads[layout].keys() and len(grads["padded"]) > 10
+    for name, g in grads["padded"].items():
+        assert g.abs().sum() > 0 or "embed" in name
+        where = f"{layout}, {name}"
+        torch.testing.assert_close(grads[layout][name], g, atol=1e-7, rtol=1e-5, msg=lambda m, where=where: f"{where}: {m}")
+
+
 def test_same_loss_as_trl_dpo_trainer_on_the_same_batch(tmp_path, tok, data):
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer as TRLTrainer

@@ -126,6 +126,13 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
     inner = _unwrap(model)
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and mask.is_floating_point():
+        # an additive 4D mask must have the activations' dtype: a float32 mask under a float64 (or bf16-weight)
+        # model is not cast by the attention and silently gives other numbers
+        dtype = inner.get_input_embeddings().weight.dtype
+        if dtype.is_floating_point and mask.dtype != dtype:
+            inputs["attention_mask"] = mask.to(dtype)
     if inner is not model and torch.is_grad_enabled():
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
         return out.hidden_states[-1]
