@@ -390,18 +390,21 @@ def test_score_completions_matches_plain_forwards(tok):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+SMOL_PAIRS = [  # short plain text: a few tokens each, so real-model tests stay quick on a CPU
+    {"prompt": "How was the film?", "chosen": " Wonderful and moving.", "rejected": " Awful, stupid, boring."},
+    {"prompt": "Describe the food.", "chosen": " Fresh and delicious.", "rejected": " Disgusting garbage."},
+    {"prompt": "Thank the staff.", "chosen": " Thank you, you were kind.", "rejected": " Go away, idiots."},
+    {"prompt": "Greet a friend.", "chosen": " Hello, good to see you!", "rejected": " Ugh, you again."},
+]
+
+
 @pytest.mark.slow
 def test_bundled_model_lora_steps_raise_accuracy_and_lower_loss(tmp_path):
     from hfrlhf.models.loading import load_bundled
 
     torch.manual_seed(0)  # the new score head is random
     model, tok = load_bundled(reward=True)
-    rows = [
-        {"prompt": "How was the film?", "chosen": " Wonderful and moving.", "rejected": " Awful, stupid, boring."},
-        {"prompt": "Describe the food.", "chosen": " Fresh and delicious.", "rejected": " Disgusting garbage."},
-        {"prompt": "Thank the staff.", "chosen": " Thank you, you were kind.", "rejected": " Go away, idiots."},
-        {"prompt": "Greet a friend.", "chosen": " Hello, good to see you!", "rejected": " Ugh, you again."},
-    ]
+    rows = SMOL_PAIRS
     peft = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
     args = _args(tmp_path, max_steps=3, learning_rate=1e-3, per_device_train_batch_size=4,
                  per_device_eval_batch_size=4, lr_scheduler_type="constant", max_length=32, bf16=None)
@@ -415,3 +418,43 @@ def test_bundled_model_lora_steps_raise_accuracy_and_lower_loss(tmp_path):
     assert after["eval_accuracy"] > before["eval_accuracy"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_bundled_smollm2_lora_and_qlora_train_only_adapter_and_head_and_reload(tmp_path, four_bit):
+    """The real model, with LoRA and with 4-bit + LoRA: the loss falls on a repeated batch, only the adapter and
+    the score head move, and the saved adapter (with its head) reloads onto a fresh base to the same rewards."""
+    from hfrlhf.models.loading import ModelArguments, get_peft_config, load_reward_model, load_tokenizer
+
+    margs = ModelArguments(use_peft=True, load_in_4bit=four_bit, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    tok = load_tokenizer(margs.model_name_or_path)
+    torch.manual_seed(0)  # the new score head is random
+    model = load_reward_model(margs)
+    args = _args(tmp_path, max_steps=3, learning_rate=2e-3, max_length=32, lr_scheduler_type="constant")
+    trainer = RewardTrainer(model, args=args, train_dataset=SMOL_PAIRS, processing_class=tok,
+                            peft_config=get_peft_config(margs, task_type="SEQ_CLS"))
+    # packed 4-bit weights may be re-laid out by the CPU kernels on first use; float weights must not move
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+              if "lora_" not in n and "modules_to_save" not in n and p.dtype.is_floating_point}
+    head = [n for n, _ in trainer.model.named_parameters() if "modules_to_save" in n]
+    assert head == ["base_model.model.score.modules_to_save.default.weight"]
+    head_before = trainer.model.get_parameter(head[0]).detach().clone()
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    with torch.no_grad():
+        before = trainer.compute_loss(trainer.model, batch).item()
+    trainer.train()
+    with torch.no_grad():
+        after = trainer.compute_loss(trainer.model, batch).item()
+    assert after < before - 0.02, (before, after)
+    for n, p in trainer.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
+    assert not torch.equal(trainer.model.get_parameter(head[0]).detach(), head_before)
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    torch.manual_seed(1)  # a different random head on the fresh base: the saved one must replace it
+    fresh = load_reward_model(margs)
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+    trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    torch.testing.assert_close(_rewards(reloaded, batch), _rewards(trained, batch), atol=1e-5, rtol=1e-5)
