@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Set up (when needed) and run the main job: a short DPO run of the bundled SmolLM2-135M-Instruct + LoRA
-# on the preference data the project ships. Extra arguments override the recipe's config.
+# Set up (when needed) and run the main job: the reduced controlled-sentiment experiment. A LoRA adapter on the
+# bundled SmolLM2-135M-Instruct is trained with DPO on preference pairs the project made with the library
+# (completions of the same model, ranked by VADER sentiment, experiments/sentiment/data), then the held-out prompts
+# are answered by the reference and by the trained policy and scored: gold reward, win rate, KL, length.
+# Extra arguments go to experiments/sentiment/run.py (e.g. --seed 1; drop --reduced for the full experiment).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup.sh" "plots"
+source "$ROOT/scripts/setup.sh" "test"  # vadersentiment (the gold reward) is in the test extra
 cd "$ROOT"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-python recipes/dpo_llama.py --config recipes/configs/demo_dpo.yaml "$@"
+python experiments/sentiment/run.py --reduced "$@"

@@ -197,6 +197,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         if method.trainer == "reward":
             reward_model, metrics = train_reward_model(exp, method)
             results["reward_model"] = {**metrics, "seconds": time.time() - t, "config": method.config}
+            _write(exp, results, started)
             log(f"[reward_model] held-out pair accuracy {metrics['accuracy_before']:.3f} -> {metrics['accuracy']:.3f} "
                 f"({time.time() - t:.0f} s)")
             continue
@@ -210,14 +211,20 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
                        eval_seconds=time.time() - t - train_seconds, config=method.config, reward=method.reward,
                        train_log=logs[-3:])
         results["methods"][name] = metrics
+        _write(exp, results, started)
         log(f"[{name}] gold {metrics['gold']:.3f} (reference {reference['gold']:.3f}), win {metrics['win_rate']:.2f}, "
             f"KL {metrics['kl']:.2f}, length {metrics['length']:.1f}, train {train_seconds:.0f} s, "
             f"eval {metrics['eval_seconds']:.0f} s")
         del policy
+    _write(exp, results, started)
+    return results
+
+
+def _write(exp: Experiment, results: dict[str, Any], started: float) -> None:
+    """Results so far (written after every method, so a long run that stops keeps what it finished)."""
     results["seconds"] = time.time() - started
     with open(exp.output_dir / f"results_seed{exp.seed}.json", "w") as f:
         json.dump(results, f, indent=2)
-    return results
 
 
 # --- reporting -----------------------------------------------------------------------------------------------------
