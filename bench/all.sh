@@ -15,10 +15,10 @@ if [ "${1:-}" != "report" ]; then
   # 1. DPO, KTO, Reward against TRL 1.16, alternating, 3 repeats
   "$PY" bench/run.py --tasks dpo kto reward --repeats 3 --steps 1 --warmup 1 --batch 2 --max_length 512 --quick "${COMMON[@]}"
   # 2. PPO against TRL 1.12 (own venv), 4 prompts, 48 new tokens
-  "$PY" bench/run.py --ppo --repeats "${PPO_REPEATS:-1}" --steps 1 --warmup 1 "${COMMON[@]}"
+  "$PY" bench/run.py --ppo --repeats "${PPO_REPEATS:-1}" --steps 1 --warmup 0 "${COMMON[@]}"
   # 3. peak memory against length, every sequence filling max_length
   "$PY" bench/run.py --memory --lengths 256 512 1024 2048 --batch 1 "${COMMON[@]}"
-  # 4. ablation of hfrlhf's layouts and the cached reference
+  # 4. ablation: hfrlhf DPO in the padded and packed layouts (shared_prompt and the cached reference are in 1.)
   "$PY" bench/run.py --tasks ablation --name ablation --repeats 1 --steps 1 --warmup 1 --batch 2 --max_length 512 "${COMMON[@]}"
 fi
 "$PY" bench/report.py

@@ -230,6 +230,7 @@ def main() -> None:
                                       callbacks=[timer])
     setup_s = time.perf_counter() - t0
     peak_start = matmul_rate(precision)
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # model, data, trainer built
     trained_per_row, token_columns = count_trained_tokens(trainer.train_dataset, a.max_length)
     trainer.train()
     peak_end = matmul_rate(precision)
@@ -247,7 +248,7 @@ def main() -> None:
         "template_tokens_per_step": template_tokens_per_step, "token_columns": token_columns,
         "tokens_per_s": tokens_per_step / med, "flops_per_token": flops_per_token, "gflops": flops_per_token * tokens_per_step / med / 1e9,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "setup_s": setup_s,
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "peak_rss_setup_gb": setup_rss, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "matmul_gflops_run": [peak_start, peak_end],
     }
     sys.stdout.write("BENCH " + json.dumps(out) + "\n")
