@@ -330,7 +330,7 @@ def _metric_store():
 
 
 def trl_dpo(loss_type: str, pol: PairLogps, ref: PairLogps, beta: float, label_smoothing: float = 0.0,
-            discopop_tau: float = 0.05):
+            discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5):
     """TRL 1.16 ``DPOTrainer._compute_loss`` on sequences whose completions have exactly these log-probs."""
     from accelerate import Accelerator
     from trl import DPOTrainer
@@ -347,7 +347,8 @@ def trl_dpo(loss_type: str, pol: PairLogps, ref: PairLogps, beta: float, label_s
     trainer.model = _PerTokenLogps(per_token)
     trainer.accelerator = Accelerator(cpu=True)
     trainer.aux_loss_enabled, trainer.ld_alpha, trainer.precompute_ref_logps = False, None, True
-    trainer.f_divergence_type, trainer.use_weighting = "reverse_kl", False
+    trainer.f_divergence_type, trainer.use_weighting = f_divergence_type, False
+    trainer.f_alpha_divergence_coef = f_alpha_divergence_coef
     trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
     trainer.beta, trainer.label_smoothing = beta, label_smoothing
     trainer.args = types.SimpleNamespace(discopop_tau=discopop_tau)
@@ -471,3 +472,46 @@ def test_orpo_matches_trl_orpo_trainer():
     for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "nll_loss",
                 "log_odds_ratio", "log_odds_chosen"]:
         assert out.metrics[key].item() == pytest.approx(float(trl_metrics[key]), abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "hinge", "ipo", "robust", "sigmoid_norm", "exo_pair", "discopop"])
+@pytest.mark.parametrize(("divergence", "coef"), [("forward_kl", 0.5), ("js_divergence", 0.5),
+                                                  ("alpha_divergence", 0.3), ("alpha_divergence", 1.0)])
+def test_f_divergences_match_trl_dpo_trainer(name, divergence, coef):
+    # float32: TRL's alpha-divergence clamp has no float64 entry
+    pol, ref = (PairLogps(p.chosen.float(), p.rejected.float(), p.chosen_len, p.rejected_len)
+                for p in random_pairs(seed=len(name) + int(10 * coef)))
+    beta, eps = 0.4, (0.1 if name in ("robust", "exo_pair") else 0.0)
+    trl_loss, trl_metrics = trl_dpo(name, pol, ref, beta, eps, f_divergence_type=divergence,
+                                    f_alpha_divergence_coef=coef)
+    out = loss_fn(name)(pol, ref, beta=beta, label_smoothing=eps, f_divergence_type=divergence,
+                        f_alpha_divergence_coef=coef)
+    assert out.loss.item() == pytest.approx(trl_loss.item(), rel=2e-6, abs=2e-6)  # float32 rounding
+    assert out.metrics["rewards/margins"].item() == pytest.approx(trl_metrics["rewards/margins"], abs=2e-6)
+
+
+def test_f_divergence_scores_by_hand():
+    from hfrlhf.losses.preference import f_divergence_scores
+
+    h = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
+    u = [math.exp(x) for x in h.tolist()]
+    # f'(u) up to a constant: forward KL f(u) = -log u -> -1/u (+1); JS -> log(2u / (1 + u)); alpha -> u^(a-1)
+    assert f_divergence_scores(h, "forward_kl").tolist() == pytest.approx([1 - 1 / x for x in u])
+    assert f_divergence_scores(h, "js_divergence").tolist() == pytest.approx([math.log(2 * x / (1 + x)) for x in u])
+    a = 0.3
+    assert f_divergence_scores(h, "alpha_divergence", a).tolist() == pytest.approx([(x ** (a - 1) - 1) / (a - 1)
+                                                                                    for x in u])
+    assert torch.equal(f_divergence_scores(h, "alpha_divergence", 1.0), h)  # the limit a -> 1 is reverse KL
+    assert torch.equal(f_divergence_scores(h), h)
+    # every form is increasing in h, so a larger log-ratio always means a larger implicit reward
+    for kind in ["forward_kl", "js_divergence", "alpha_divergence"]:
+        assert (f_divergence_scores(h, kind).diff() > 0).all(), kind
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        f_divergence_scores(h, "kl")
+
+
+def test_losses_without_an_f_divergence_form_refuse_one():
+    for name in ["rdpo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "aot", "aot_unpaired"]:
+        with pytest.raises(ValueError, match="f-divergence"):
+            loss_fn(name)(POL, REF, f_divergence_type="forward_kl")
+        loss_fn(name)(POL, REF, f_divergence_type="reverse_kl")  # the default is fine

@@ -12,6 +12,11 @@ Notation, for pair ``i`` of a batch of ``B`` (every tensor below is ``(B,)``):
     h_w = log pi(y_w) - log pi_ref(y_w),  h_l = log pi(y_l) - log pi_ref(y_l)     log-ratios
     Delta = h_w - h_l
 
+f-DPO: the losses built on the chosen-minus-rejected score (``sigmoid``, ``hinge``, ``ipo``, ``robust``,
+``sigmoid_norm``, ``exo_pair``, ``discopop``) take ``f_divergence_type`` and ``f_alpha_divergence_coef`` and
+use ``f_divergence_scores(h)`` in place of ``h`` in the loss (the logged rewards stay ``beta * h``, as in
+TRL); the other reference-based losses refuse a divergence other than ``reverse_kl``.
+
 Names and defaults of the hyperparameters follow TRL 1.16 where TRL has the loss (``beta``,
 ``label_smoothing`` of ``DPOConfig``; ``simpo_gamma``, ``cpo_alpha`` of the experimental ``CPOConfig``;
 ORPO's lambda is ``beta`` as in TRL's ``ORPOConfig``). Each loss function ignores keyword arguments
@@ -44,6 +49,8 @@ __all__ = [
     "bco_pair_loss",
     "chosen_nll",
     "discopop_loss",
+    "F_DIVERGENCES",
+    "f_divergence_scores",
     "exo_pair_loss",
     "hinge_loss",
     "ipo_loss",
@@ -86,6 +93,53 @@ def _log_ratios(policy: PairLogps, ref: PairLogps | None) -> tuple[torch.Tensor,
     if ref is None:
         return policy.chosen, policy.rejected
     return policy.chosen - ref.chosen, policy.rejected - ref.rejected
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def f_divergence_scores(
+    h: torch.Tensor, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5
+) -> torch.Tensor:
+    """What f-DPO puts where DPO has the log-ratio ``h``: ``f'(u)`` at ``u = pi / pi_ref = exp(h)``.
+
+    Wang et al., 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+    Divergence Constraints", Thm. 1: regularising with an f-divergence ``D_f(pi || pi_ref)`` instead of the
+    reverse KL makes the implicit reward ``beta f'(u)`` (up to a constant that cancels between chosen and
+    rejected). The forms, as TRL 1.16's ``f_divergence_type`` computes them (``a = f_alpha_divergence_coef``)::
+
+        reverse_kl         h                                  (DPO)
+        forward_kl         1 - exp(-h)
+        js_divergence      log 2 + log sigmoid(h)
+        alpha_divergence   (exp((a - 1) h) - 1) / (a - 1),    a = 1 gives h
+
+    For the alpha-divergence the exponent is clamped at 80 (11 in float16), as TRL does, so it stays finite.
+    Shape: any; returns the same shape.
+    """
+    if f_divergence_type == "reverse_kl":
+        return h
+    if f_divergence_type == "forward_kl":
+        return -torch.expm1(-h)
+    if f_divergence_type == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(h)
+    if f_divergence_type == "alpha_divergence":
+        a = f_alpha_divergence_coef
+        if abs(a - 1.0) < 1e-6:
+            return h
+        ceiling = 11.0 if h.dtype == torch.float16 else 80.0
+        t = ((a - 1.0) * h).float().clamp(max=ceiling)
+        return (torch.expm1(t) / (a - 1.0)).to(h.dtype)
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose one of {list(F_DIVERGENCES)}")
+
+
+def _scores(h_w: torch.Tensor, h_l: torch.Tensor, f_type: str, coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return f_divergence_scores(h_w, f_type, coef), f_divergence_scores(h_l, f_type, coef)
+
+
+def _reverse_kl_only(name: str, f_divergence_type: str) -> None:
+    """Losses not built on the chosen-minus-rejected score have no f-divergence form (TRL refuses them too)."""
+    if f_divergence_type != "reverse_kl":
+        raise ValueError(f"{name} has no f-divergence generalisation; use f_divergence_type='reverse_kl'")
 
 
 def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -152,7 +206,8 @@ def chosen_nll(policy: PairLogps, *, token_level: bool = False) -> torch.Tensor:
 
 @register_loss("preference", "sigmoid")
 def sigmoid_loss(
-    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, **_
 ) -> LossOutput:
     """DPO: logistic loss on the difference of implicit rewards, optionally conservative (cDPO).
 
@@ -168,11 +223,12 @@ def sigmoid_loss(
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
     h_w, h_l = _log_ratios(policy, ref)
-    return _dpo_output(_smoothed_logistic(beta * (h_w - h_l), label_smoothing), h_w, h_l, policy, beta)
+    s_w, s_l = _scores(h_w, h_l, f_divergence_type, f_alpha_divergence_coef)
+    return _dpo_output(_smoothed_logistic(beta * (s_w - s_l), label_smoothing), h_w, h_l, policy, beta)
 
 
 @register_loss("preference", "hinge")
-def hinge_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+def hinge_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, **_) -> LossOutput:
     """SLiC's calibration hinge on DPO's log-ratio margin, as TRL's ``hinge`` loss.
 
     Zhao et al., 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", eq. 1, with the
@@ -183,11 +239,12 @@ def hinge_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, *
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
     h_w, h_l = _log_ratios(policy, ref)
-    return _dpo_output(torch.relu(1 - beta * (h_w - h_l)), h_w, h_l, policy, beta)
+    s_w, s_l = _scores(h_w, h_l, f_divergence_type, f_alpha_divergence_coef)
+    return _dpo_output(torch.relu(1 - beta * (s_w - s_l)), h_w, h_l, policy, beta)
 
 
 @register_loss("preference", "ipo")
-def ipo_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+def ipo_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, **_) -> LossOutput:
     """IPO: squared regression of the per-token log-ratio margin onto ``1 / (2 tau)``, with ``tau = beta``.
 
     Azar et al., 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
@@ -200,15 +257,17 @@ def ipo_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_
     (summed log-ratios, as TRL logs them).
     """
     h_w, h_l = _log_ratios(policy, ref)
+    s_w, s_l = _scores(h_w, h_l, f_divergence_type, f_alpha_divergence_coef)
     c_len = policy.chosen_len.clamp(min=1).to(h_w.dtype)
     r_len = policy.rejected_len.clamp(min=1).to(h_l.dtype)
-    per_pair = (h_w / c_len - h_l / r_len - 1 / (2 * beta)) ** 2
+    per_pair = (s_w / c_len - s_l / r_len - 1 / (2 * beta)) ** 2
     return _dpo_output(per_pair, h_w, h_l, policy, beta)
 
 
 @register_loss("preference", "robust")
 def robust_loss(
-    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, **_
 ) -> LossOutput:
     """Robust DPO: an unbiased estimate of the DPO loss when labels are flipped with probability ``eps``.
 
@@ -224,7 +283,8 @@ def robust_loss(
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs label_smoothing in [0, 0.5), got {label_smoothing}")
     h_w, h_l = _log_ratios(policy, ref)
-    z = beta * (h_w - h_l)
+    s_w, s_l = _scores(h_w, h_l, f_divergence_type, f_alpha_divergence_coef)
+    z = beta * (s_w - s_l)
     per_pair = ((1 - label_smoothing) * -F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (
         1 - 2 * label_smoothing
     )
@@ -239,6 +299,7 @@ def rdpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     rdpo_alpha: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
     **_,
 ) -> LossOutput:
     """R-DPO: DPO with a length penalty ``alpha |y|`` in the RL objective, so length is not learnt as quality.
@@ -255,6 +316,7 @@ def rdpo_loss(
 
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
+    _reverse_kl_only("rdpo", f_divergence_type)
     h_w, h_l = _log_ratios(policy, ref)
     length_gap = (policy.chosen_len - policy.rejected_len).to(h_w.dtype)
     z = beta * (h_w - h_l) + rdpo_alpha * length_gap
@@ -337,7 +399,8 @@ def orpo_loss(policy: PairLogps, ref: PairLogps | None = None, *, beta: float = 
 # --- losses on each completion's own log-ratio, not only on the margin --------------------------------------
 @register_loss("preference", "sigmoid_norm")
 def sigmoid_norm_loss(
-    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, **_
 ) -> LossOutput:
     """Length-normalised DPO: the logistic loss on per-token log-ratios, so long answers gain no extra margin.
 
@@ -353,15 +416,17 @@ def sigmoid_norm_loss(
     (summed log-ratios, as TRL logs them).
     """
     h_w, h_l = _log_ratios(policy, ref)
+    s_w, s_l = _scores(h_w, h_l, f_divergence_type, f_alpha_divergence_coef)
     c_len = policy.chosen_len.clamp(min=1).to(h_w.dtype)
     r_len = policy.rejected_len.clamp(min=1).to(h_l.dtype)
-    per_pair = _smoothed_logistic(beta * (h_w / c_len - h_l / r_len), label_smoothing)
+    per_pair = _smoothed_logistic(beta * (s_w / c_len - s_l / r_len), label_smoothing)
     return _dpo_output(per_pair, h_w, h_l, policy, beta)
 
 
 @register_loss("preference", "exo_pair")
 def exo_pair_loss(
-    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 1e-3, **_
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 1e-3,
+    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, **_
 ) -> LossOutput:
     """EXO (pairwise): reverse KL from the model's preference distribution to a smoothed label.
 
@@ -380,7 +445,8 @@ def exo_pair_loss(
     if not 0.0 < label_smoothing < 1.0:
         raise ValueError(f"exo_pair needs label_smoothing in (0, 1) (the paper uses 1e-3), got {label_smoothing}")
     h_w, h_l = _log_ratios(policy, ref)
-    z = beta * (h_w - h_l)
+    s_w, s_l = _scores(h_w, h_l, f_divergence_type, f_alpha_divergence_coef)
+    z = beta * (s_w - s_l)
     log_q_w, log_q_l = F.logsigmoid(z), F.logsigmoid(-z)
     per_pair = log_q_w.exp() * (log_q_w - math.log1p(-label_smoothing)) + log_q_l.exp() * (
         log_q_l - math.log(label_smoothing)
@@ -389,7 +455,7 @@ def exo_pair_loss(
 
 
 @register_loss("preference", "nca_pair")
-def nca_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+def nca_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl", **_) -> LossOutput:
     """NCA (pairwise): noise-contrastive alignment, which scores each completion on its own.
 
     Chen et al., 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards", the NCA loss
@@ -402,6 +468,7 @@ def nca_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1
 
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
+    _reverse_kl_only("nca_pair", f_divergence_type)
     h_w, h_l = _log_ratios(policy, ref)
     r_w, r_l = beta * h_w, beta * h_l
     per_pair = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
@@ -409,7 +476,7 @@ def nca_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1
 
 
 @register_loss("preference", "bco_pair")
-def bco_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+def bco_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl", **_) -> LossOutput:
     """BCO (pairwise): a binary classifier on implicit rewards, chosen as class 1 and rejected as class 0.
 
     Jung et al., 2024, "Binary Classifier Optimization for Large Language Model Alignment", eq. 9 applied to
@@ -420,13 +487,14 @@ def bco_pair_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1
 
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
+    _reverse_kl_only("bco_pair", f_divergence_type)
     h_w, h_l = _log_ratios(policy, ref)
     per_pair = -F.logsigmoid(beta * h_w) - F.logsigmoid(-beta * h_l)
     return _dpo_output(per_pair, h_w, h_l, policy, beta)
 
 
 @register_loss("preference", "sppo_hard")
-def sppo_hard_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+def sppo_hard_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl", **_) -> LossOutput:
     """SPPO with hard labels: regress each log-ratio onto +-1/(2 beta).
 
     Wu et al., 2024, "Self-Play Preference Optimization for Language Model Alignment", eq. 4.7 (Algorithm 1)
@@ -437,6 +505,7 @@ def sppo_hard_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.
 
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
+    _reverse_kl_only("sppo_hard", f_divergence_type)
     h_w, h_l = _log_ratios(policy, ref)
     half = 0.5 / beta
     per_pair = (h_w - half) ** 2 + (h_l + half) ** 2
@@ -444,7 +513,7 @@ def sppo_hard_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.
 
 
 @register_loss("preference", "apo_zero")
-def apo_zero_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+def apo_zero_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl", **_) -> LossOutput:
     """APO-zero: raise the chosen likelihood and lower the rejected one, each anchored at the reference.
 
     D'Oosterlinck et al., 2024, "Anchored Preference Optimization and Contrastive Revisions: Addressing
@@ -455,13 +524,14 @@ def apo_zero_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1
 
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
+    _reverse_kl_only("apo_zero", f_divergence_type)
     h_w, h_l = _log_ratios(policy, ref)
     per_pair = torch.sigmoid(-beta * h_w) + torch.sigmoid(beta * h_l)  # 1 - s(x) = s(-x)
     return _dpo_output(per_pair, h_w, h_l, policy, beta)
 
 
 @register_loss("preference", "apo_down")
-def apo_down_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, **_) -> LossOutput:
+def apo_down_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl", **_) -> LossOutput:
     """APO-down: lower both likelihoods, the rejected one more, for chosen answers worse than the model's own.
 
     D'Oosterlinck et al., 2024 (see :func:`apo_zero_loss`), eq. 8, shifted by 1 as TRL's ``apo_down``::
@@ -470,6 +540,7 @@ def apo_down_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1
 
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
+    _reverse_kl_only("apo_down", f_divergence_type)
     h_w, h_l = _log_ratios(policy, ref)
     per_pair = torch.sigmoid(beta * h_w) + torch.sigmoid(-beta * (h_w - h_l))
     return _dpo_output(per_pair, h_w, h_l, policy, beta)
@@ -477,7 +548,8 @@ def apo_down_loss(policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1
 
 @register_loss("preference", "discopop")
 def discopop_loss(
-    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, discopop_tau: float = 0.05, **_
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, **_
 ) -> LossOutput:
     """DiscoPOP: a blend of the logistic (DPO) and exponential losses, weighted by the margin itself.
 
@@ -496,7 +568,8 @@ def discopop_loss(
     if discopop_tau <= 0:
         raise ValueError(f"discopop_tau must be positive, got {discopop_tau}")
     h_w, h_l = _log_ratios(policy, ref)
-    z = beta * (h_w - h_l)
+    s_w, s_l = _scores(h_w, h_l, f_divergence_type, f_alpha_divergence_coef)
+    z = beta * (s_w - s_l)
     w = torch.sigmoid(z / discopop_tau)
     per_pair = -F.logsigmoid(z) * (1 - w) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
     return _dpo_output(per_pair, h_w, h_l, policy, beta)
@@ -511,7 +584,8 @@ def _aot_output(
 
 @register_loss("preference", "aot")
 def aot_loss(
-    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl", **_
 ) -> LossOutput:
     """AOT (paired): first-order stochastic dominance of the policy's chosen-vs-rejected log-odds over the reference's.
 
@@ -527,6 +601,7 @@ def aot_loss(
 
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
+    _reverse_kl_only("aot", f_divergence_type)
     h_w, h_l = _log_ratios(policy, ref)
     u = policy.chosen - policy.rejected
     v = torch.zeros_like(u) if ref is None else ref.chosen - ref.rejected
@@ -536,7 +611,8 @@ def aot_loss(
 
 @register_loss("preference", "aot_unpaired")
 def aot_unpaired_loss(
-    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0, **_
+    policy: PairLogps, ref: PairLogps | None, *, beta: float = 0.1, label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl", **_
 ) -> LossOutput:
     """AOT (unpaired): the chosen log-ratios' distribution should dominate the rejected ones'.
 
@@ -549,6 +625,7 @@ def aot_unpaired_loss(
 
     Shapes: ``PairLogps`` fields ``(B,)``; returns the mean over the batch. Rewards are ``beta * h``.
     """
+    _reverse_kl_only("aot_unpaired", f_divergence_type)
     h_w, h_l = _log_ratios(policy, ref)
     gap = torch.sort(h_w, dim=0).values - torch.sort(h_l, dim=0).values
     return _aot_output(gap, h_w, h_l, policy, beta, label_smoothing)
