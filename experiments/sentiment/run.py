@@ -48,23 +48,26 @@ COMMON: dict[str, Any] = {"lr_scheduler_type": "constant", "logging_steps": 5, "
                           "report_to": [], "disable_tqdm": True, "max_length": 128}
 PPO_COMMON: dict[str, Any] = {"learning_rate": 1e-4, "response_length": 40, "temperature": 0.7, "kl_coef": 0.05,
                               "per_device_train_batch_size": 8, "num_ppo_epochs": 2, "num_mini_batches": 2,
-                              "max_steps": 24, "missing_eos_penalty": None, "num_sample_generations": 0}
+                              "max_steps": 16, "lam": 1.0, "num_sample_generations": 0}
+# lam = 1: with a critic that starts at zero, lam < 1 gives the early tokens of every response almost none of the
+# final score, and whitening over tokens then makes their advantages negative whatever the response was worth
+# (docs/alignment.md); lam = 1 gives every token the score minus the critic's baseline from the first rollout.
 DIRECT: dict[str, Any] = {"learning_rate": 5e-5, "per_device_train_batch_size": 8, "num_train_epochs": 1}
 
 METHODS: dict[str, Method] = {
     "reward_model": Method("reward", "pairwise", {"learning_rate": 1e-4, "per_device_train_batch_size": 8,
-                                                   "num_train_epochs": 2}, label="reward model"),
+                                                   "num_train_epochs": 1}, label="reward model"),
     "dpo": Method("dpo", "pairwise", {**DIRECT, "beta": 0.1, "loss_type": "sigmoid"}, label="DPO"),
+    "ppo_gold": Method("ppo", "prompts", {**PPO_COMMON, "advantage_estimator": "gae"}, reward="gold",
+                       label="PPO, gold reward"),
+    "ppo_rm": Method("ppo", "prompts", {**PPO_COMMON, "advantage_estimator": "gae"}, reward="model",
+                     label="PPO, learned reward"),
+    "rloo": Method("ppo", "prompts", {**PPO_COMMON, "advantage_estimator": "rloo", "num_generations": 2,
+                                      "per_device_train_batch_size": 4}, reward="model", label="RLOO, learned reward"),
     "ipo": Method("dpo", "pairwise", {**DIRECT, "beta": 0.1, "loss_type": "ipo"}, label="IPO"),
     "kto": Method("kto", "unpaired", {**DIRECT, "beta": 0.1, "per_device_train_batch_size": 16}, label="KTO"),
     "lipo": Method("dpo", "listwise", {**DIRECT, "beta": 0.1, "loss_type": "lipo",
                                        "per_device_train_batch_size": 4}, label="LiPO (listwise)"),
-    "ppo_rm": Method("ppo", "prompts", {**PPO_COMMON, "advantage_estimator": "gae"}, reward="model",
-                     label="PPO, learned reward"),
-    "ppo_gold": Method("ppo", "prompts", {**PPO_COMMON, "advantage_estimator": "gae"}, reward="gold",
-                       label="PPO, gold reward"),
-    "rloo": Method("ppo", "prompts", {**PPO_COMMON, "advantage_estimator": "rloo", "num_generations": 2,
-                                      "per_device_train_batch_size": 4}, reward="model", label="RLOO, learned reward"),
 }
 REDUCED: dict[str, Method] = {
     "dpo": Method("dpo", "pairwise", {**DIRECT, "beta": 0.1, "loss_type": "sigmoid", "max_steps": 20}, label="DPO"),
@@ -81,7 +84,7 @@ class Experiment:
     data_dir: Path = DATA_DIR
     output_dir: Path = ROOT / "outputs" / "sentiment"
     eval_prompts: list[str] = field(default_factory=held_out_prompts)
-    eval_samples: int = 2  # completions per held-out prompt
+    eval_samples: int = 1  # completions per held-out prompt
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     load_policy: Callable[[], tuple[Any, Any]] | None = None
     load_reward: Callable[[], Any] | None = None
@@ -285,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "sentiment")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--eval_samples", type=int, default=1, help="completions per held-out prompt")
+    parser.add_argument("--docs_only", action="store_true", help="no training: only --update_docs")
     parser.add_argument("--update_docs", action="store_true", help="rewrite docs/alignment.md's table and plot "
                         "from every results_seed*.json in output_dir")
     args = parser.parse_args(argv)
@@ -292,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.docs_only:
+        all_results = [json.loads(p.read_text()) for p in sorted(args.output_dir.glob("results_seed*.json"))]
+        update_docs(all_results, DOCS / "alignment.md", DOCS / "alignment_reward_kl.png")
+        return
     if args.reduced:
         exp = Experiment(seed=args.seed, methods=dict(REDUCED), eval_samples=1, output_dir=args.output_dir / "reduced")
     else:
@@ -302,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if unknown:
                 parser.error(f"unknown methods {unknown}")
             methods = {n: METHODS[n] for n in names}
-        exp = Experiment(seed=args.seed, methods=methods, output_dir=args.output_dir)
+        exp = Experiment(seed=args.seed, methods=methods, output_dir=args.output_dir, eval_samples=args.eval_samples)
     results = run(exp)
     print(results_table([results]))
     if args.update_docs:
