@@ -58,6 +58,12 @@ def _run_peak(runs: list[dict], machine: dict) -> float:
     return _peak_for(machine, runs[0]["precision"], runs[0]["threads"])
 
 
+def _training_rss(runs: list[dict]) -> str:
+    """Peak RSS minus the peak before training (model, data and trainer built), where recorded."""
+    rise = [r["peak_rss_gb"] - r["peak_rss_setup_gb"] for r in runs if "peak_rss_setup_gb" in r]
+    return f"{statistics.median(rise):.2f}" if rise else "-"
+
+
 def main_section(rec: dict) -> tuple[list[str], dict]:
     m = rec["machine"]
     p1, pn = m["matmul_gflops_1_thread"], m["matmul_gflops"]
@@ -70,8 +76,8 @@ def main_section(rec: dict) -> tuple[list[str], dict]:
         f"{pn['bfloat16']:.2f} on {m['torch_threads']}.", "",
         f"Command: `{rec['command']}`", "",
         "| task | variant | precision | threads | s/step | trained tokens/s | GFLOP/s (% of peak) | peak RSS GB "
-        "| tokens/s vs TRL | RSS vs TRL | runs | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of which training GB | tokens/s vs TRL | RSS vs TRL | runs | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios: dict = {}
     groups = _group(rec["runs"], "task", "variant")
@@ -85,7 +91,7 @@ def main_section(rec: dict) -> tuple[list[str], dict]:
             ratios[(task, variant)] = {"speed": speed, "rss": mem, "peak_frac": gf / peak}
         lines.append(
             f"| {task} | {variant} | {runs[0]['precision']} | {runs[0]['threads']} | {_med(runs, 'median_step_s'):.1f} "
-            f"| {tps:.1f} | {gf:.1f} ({100 * gf / peak:.0f}%) | {rss:.2f} | "
+            f"| {tps:.1f} | {gf:.1f} ({100 * gf / peak:.0f}%) | {rss:.2f} | {_training_rss(runs)} | "
             f"{'-' if variant == 'trl' else f'{speed:.2f}x'} | {'-' if variant == 'trl' else f'{mem:.2f}x'} "
             f"| {len(runs)} | {_load_range(runs)} |"
         )
@@ -94,7 +100,8 @@ def main_section(rec: dict) -> tuple[list[str], dict]:
         "",
         f"Each run: {r0['batch']} {'pairs' if r0['task'] != 'kto' else 'completions'} per step (KTO: twice as many "
         f"single completions, the same sequences), `max_length={r0['max_length']}`, one warm-up step then timed "
-        "steps; the table holds medians over runs. Peak RSS is the whole process (model load included).",
+        "steps; the table holds medians over runs. Peak RSS is the whole process (model load included); \"of "
+        "which training\" is the rise of the peak during `train()` (recorded from the second DPO repeat on).",
         "",
     ]
     return lines, ratios

@@ -150,6 +150,7 @@ def main() -> None:
                     help="auto: bf16 where the device runs it fast (as the library decides), else fp32")
     ap.add_argument("--long", action="store_true", help="every sequence fills max_length (memory curve)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--chunk", type=int, default=None, help="hfrlhf's logprob_chunk_size (default: the library's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lora_r", type=int, default=16)
     a = ap.parse_args()
@@ -214,6 +215,9 @@ def main() -> None:
     else:
         import hfrlhf.trainers as T
 
+        if a.chunk:
+            common["logprob_chunk_size"] = a.chunk
+
         if a.task == "dpo":
             cfg = T.DPOConfig(**common, layout=a.layout, precompute_ref_log_probs=a.precompute_ref,
                               ref_cache_dir=f"/tmp/hfrlhf-bench-refcache-{os.getpid()}")
@@ -243,7 +247,7 @@ def main() -> None:
     out = {
         "lib": a.lib, "task": a.task, "layout": a.layout if a.lib == "hfrlhf" else "trl", "precision": precision,
         "precompute_ref": a.precompute_ref, "batch": batch, "max_length": a.max_length,
-        "long": a.long, "threads": torch.get_num_threads(),
+        "long": a.long, "threads": torch.get_num_threads(), "logprob_chunk_size": a.chunk,
         "step_times": timer.times, "median_step_s": med, "tokens_per_step": tokens_per_step,
         "template_tokens_per_step": template_tokens_per_step, "token_columns": token_columns,
         "tokens_per_s": tokens_per_step / med, "flops_per_token": flops_per_token, "gflops": flops_per_token * tokens_per_step / med / 1e9,
