@@ -106,9 +106,10 @@ def test_demo_config_is_the_short_lora_run_with_bf16_left_to_the_device(tiny_mod
     assert train.max_steps == -1 and train.num_train_epochs >= 1
 
 
-def test_demo_script_runs_the_demo_config():
-    text = (ROOT / "scripts" / "demo.sh").read_text()
-    assert "recipes/dpo_llama.py --config recipes/configs/demo_dpo.yaml" in text
+def test_the_docs_show_the_demo_command():
+    command = "python recipes/dpo_llama.py --config recipes/configs/demo_dpo.yaml"
+    for path in [ROOT / "docs" / "recipes.md", ROOT / "docs" / "dpo.md", RECIPES / "dpo_llama.py"]:
+        assert command in path.read_text(), path.name
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
