@@ -84,6 +84,51 @@ def test_nonfinite_loss_skip_warns_counts_and_drops_that_micro_batch(tmp_path, t
     assert all(torch.isfinite(p).all() for p in snaps.params[3].values())
 
 
+def test_a_step_whose_only_micro_batch_is_skipped_leaves_adamw_parameters_untouched(tmp_path, tok):
+    # a zero gradient would still move AdamW parameters (momentum, weight decay): the step itself is skipped
+    trainer, snaps = _dpo(tmp_path, tok, weight_decay=0.1)
+    _poison_forward_at_step(trainer, 1)
+    with pytest.warns(RuntimeWarning, match="non-finite loss at global step 1"):
+        trainer.train()
+    assert _same(snaps.params[1], snaps.params[2]) and not _same(snaps.params[2], snaps.params[3])
+    assert trainer.nonfinite_skipped == 1 and trainer.nonfinite_grad_skipped == 0
+
+
+def test_with_accumulation_only_the_skipped_micro_batch_is_left_out(tmp_path, tok):
+    # SGD, two micro-batches of one pair; the second micro-batch of step 0 is NaN. The step then applies the
+    # first micro-batch's gradient divided by 2 (the loss is a mean over the accumulation steps).
+    trainer, snaps = _dpo(tmp_path, tok, optim="sgd", weight_decay=0.0, per_device_train_batch_size=1,
+                          gradient_accumulation_steps=2, max_steps=1, learning_rate=0.5, max_grad_norm=0.0)
+    layer, calls = trainer.model.model.layers[0], []
+
+    def hook(module, args, output):
+        if module.training:
+            calls.append(1)
+            if len(calls) > 1:  # the policy forward of the second micro-batch
+                hidden = output[0] if isinstance(output, tuple) else output
+                return (hidden * float("nan"), *output[1:]) if isinstance(output, tuple) else hidden * float("nan")
+        return output
+
+    layer.register_forward_hook(hook)
+    first_rows = []
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: first_rows.append(rows) or collate(rows)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        trainer.train()
+    assert trainer.nonfinite_skipped == 1 and len(first_rows) >= 2  # (the loader may prefetch the next batch)
+    # expected: one SGD step on half the first micro-batch's loss, from a fresh copy of the same model
+    model = build_tiny_llama(tok, seed=1)
+    model.train()
+    ref_trainer, _ = _dpo(tmp_path / "ref", tok)
+    batch = collate(first_rows[0])
+    loss = ref_trainer.compute_loss(model, batch) / 2
+    loss.backward()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            expected = p - 0.5 * (p.grad if p.grad is not None else 0)
+            torch.testing.assert_close(snaps.params[1][name], expected, atol=1e-6, rtol=1e-5)
+
+
 def test_nonfinite_loss_raise_names_the_step_and_saves_the_batch(tmp_path, tok):
     trainer, snaps = _dpo(tmp_path, tok, nonfinite_loss="raise")
     _poison_forward_at_step(trainer, 1)

@@ -250,6 +250,7 @@ class HfrlhfTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite_skipped = 0
         self.nonfinite_grad_skipped = 0
+        self._skipped_in_step = 0  # micro-batches of the current optimizer step skipped for a non-finite loss
         self.add_callback(NonFiniteGradientGuard(self))
         # Our losses are means over the micro-batch: the Trainer divides by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -308,6 +309,8 @@ class HfrlhfTrainer(Trainer):
                 "batch, and fp16 overflow; set nonfinite_loss='skip' to skip such batches instead"
             )
         self.nonfinite_skipped += 1
+        if model.training:
+            self._skipped_in_step += 1
         warnings.warn(f"non-finite loss at global step {step}: batch skipped ({self.nonfinite_skipped} so far)",
                       RuntimeWarning, stacklevel=2)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -336,8 +339,19 @@ class HfrlhfTrainer(Trainer):
         return path
 
     def check_gradients(self) -> bool:
-        """Before an optimizer step: True when every gradient is finite. Otherwise skip the step (drop the
-        gradients, warn, count in ``nonfinite_grad_skipped``) or raise, per ``nonfinite_loss``."""
+        """Before an optimizer step: True when the step should proceed. False when every micro-batch of the step
+        had a skipped non-finite loss, or when a gradient is non-finite and ``nonfinite_loss='skip'`` (then the
+        gradients are dropped, with a warning, counted in ``nonfinite_grad_skipped``); raises under 'raise'."""
+        # Every micro-batch of this step was skipped (on every process): step nothing, not even momentum.
+        skipped = torch.tensor(float(self._skipped_in_step >= self.args.gradient_accumulation_steps),
+                               device=self.accelerator.device)
+        self._skipped_in_step = 0
+        if self.accelerator.num_processes > 1:
+            skipped = self.accelerator.reduce(skipped, "sum") / self.accelerator.num_processes
+        if skipped.item() == 1.0:
+            for p in self.model.parameters():
+                p.grad = None
+            return False
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             return True
