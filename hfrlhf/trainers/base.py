@@ -32,7 +32,9 @@ class HfrlhfConfig(TrainingArguments):
 
     Defaults differ from ``TrainingArguments`` where RLHF needs it: ``remove_unused_columns=False`` (the
     collators read columns the model's forward does not take), ``logging_steps=10``, ``bf16`` on where the
-    hardware supports it, gradient checkpointing off (on small models it costs time for memory nobody needs).
+    hardware supports it, gradient checkpointing off (on small models it costs time for memory nobody needs),
+    and, without a GPU, ``use_cpu=True`` and ``dataloader_pin_memory=False``. ``hub_token`` is hidden from
+    ``repr`` and left out when the config is pickled (the Trainer pickles it into every checkpoint).
     """
 
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
