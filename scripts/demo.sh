@@ -6,7 +6,7 @@
 # Extra arguments go to experiments/sentiment/run.py (e.g. --seed 1; drop --reduced for the full experiment).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup.sh" "test"  # vadersentiment (the gold reward) is in the test extra
+source "$ROOT/scripts/setup.sh" "experiments"  # vadersentiment (the gold reward) and matplotlib
 cd "$ROOT"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 python experiments/sentiment/run.py --reduced "$@"

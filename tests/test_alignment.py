@@ -13,7 +13,7 @@ import torch
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "sentiment"
 sys.path.insert(0, str(EXPERIMENT))
 
-import evaluate as ev  # noqa: E402
+import gold_eval as ev  # noqa: E402
 import make_data  # noqa: E402
 import prompts  # noqa: E402
 import run as runner  # noqa: E402

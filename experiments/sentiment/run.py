@@ -7,7 +7,7 @@ held-out evaluation by the gold reward, results JSON, reward-against-KL plot and
 
 The data come from ``make_data.py`` (shipped in ``data/``). The policy of every method is the bundled
 SmolLM2-135M-Instruct with a fresh LoRA adapter; the reference is the same model with the adapter off. Every
-method's configuration lives in :data:`METHODS`; nothing here reads the held-out prompts except ``evaluate``.
+method's configuration lives in :data:`METHODS`; nothing here reads the held-out prompts except ``gold_eval``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from evaluate import evaluate_policy, reference_samples  # noqa: E402
+from gold_eval import evaluate_policy, reference_samples  # noqa: E402
 from make_data import DATA_DIR, read_jsonl  # noqa: E402
 from prompts import held_out_prompts  # noqa: E402
 from sampling import GenerationSettings  # noqa: E402
@@ -168,6 +168,7 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
     else:
         raise ValueError(f"unknown trainer {method.trainer!r}")
     trainer.train()
+    trainer.save_model()  # the LoRA adapter (safetensors), its config and the tokenizer, in settings["output_dir"]
     policy = trainer.model.policy if method.trainer == "ppo" else trainer.model
     logs = [h for h in trainer.state.log_history if "loss" in h or "objective/scores" in h]
     return policy, tokenizer, logs
@@ -218,6 +219,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         log(f"[{name}] gold {metrics['gold']:.3f} (reference {reference['gold']:.3f}), win {metrics['win_rate']:.2f}, "
             f"KL {metrics['kl']:.2f}, length {metrics['length']:.1f}, train {train_seconds:.0f} s, "
             f"eval {metrics['eval_seconds']:.0f} s")
+        log(f"[{name}] adapter saved in {exp.output_dir / name}")
         del policy
     _write(exp, results, started)
     return results

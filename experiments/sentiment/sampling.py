@@ -1,4 +1,4 @@
-"""Batched sampling and scoring with the library's rollout helpers, shared by ``make_data`` and ``evaluate``.
+"""Batched sampling and scoring with the library's rollout helpers, shared by ``make_data`` and ``gold_eval``.
 
 Prompts are rendered with the model's chat template, left-padded by the library's ``RolloutCollator`` and
 sampled many at a time; responses are cut at the first stop token with ``truncate_at_stop``. Log-probs of the
