@@ -48,6 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfrlhf.data.collators import Segment, UnpairedCollator
 from hfrlhf.data.formats import load
+from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.losses import get_loss
 from hfrlhf.losses.kto import SUM_METRICS, desirable_undesirable_warning, kto_log_metrics, kto_reference_point
 from hfrlhf.models.loading import load_causal_lm, load_tokenizer
@@ -351,6 +352,7 @@ class KTOTrainer(HfrlhfTrainer):
                 data = _unpair_tokenized(data)
             if "label" not in data.column_names:
                 raise ValueError(f"{name}: tokenized rows need a 'label' column, got {data.column_names}")
+            check_tokenized(data, len(tokenizer), source=name)  # a bad id is named here, not inside the forward
         else:
             data = prepare_dataset(load(data, drop_invalid=args.drop_invalid_rows, kind="unpaired"), tokenizer, args,
                                    kinds=("unpaired",), name=name)

@@ -40,6 +40,7 @@ from transformers.trainer_utils import has_length, set_seed
 
 from hfrlhf.data.collators import SFTCollator
 from hfrlhf.data.formats import load
+from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from hfrlhf.models.value import ActorCritic, attach_shared_lora, build_critic, unwrap
 from hfrlhf.ops.kl import AdaptiveKLController, FixedKLController
@@ -176,7 +177,10 @@ class PPOConfig(HfrlhfConfig):
 
 def _prompt_dataset(data: Any, tokenizer: PreTrainedTokenizerBase, args: PPOConfig, name: str) -> Dataset | None:
     """Tokenized prompt records that keep their raw ``prompt`` next to ``prompt_ids``."""
-    if data is None or (isinstance(data, Dataset) and "prompt_ids" in data.column_names):
+    if data is None:
+        return None
+    if isinstance(data, Dataset) and "prompt_ids" in data.column_names:
+        check_tokenized(data, len(tokenizer), source=name)  # a bad id is named here, not inside generate
         return data
     records = load(data, drop_invalid=args.drop_invalid_rows, kind="prompt")
     tokenized = prepare_dataset(records, tokenizer, args, kinds=("prompt",), name=name)
