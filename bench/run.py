@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from report import report
+from worker import timed_matmuls
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -64,13 +65,7 @@ def matmul_peak(threads: int | None = None, seconds: float = 1.5) -> dict:
             rate = 2 * n**3 / max(time.perf_counter() - t, 1e-9)
             while n < 2048 and 2 * (2 * n) ** 3 / rate < 0.5:
                 n *= 2
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            a @ b
-            reps, t = 0, time.perf_counter()
-            while reps == 0 or time.perf_counter() - t < seconds:
-                a @ b
-                reps += 1
-            out[str(dtype).replace("torch.", "")] = 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+            out[str(dtype).replace("torch.", "")] = timed_matmuls(dtype, n, seconds)
             out[f"{str(dtype).replace('torch.', '')}_n"] = n
     finally:
         torch.set_num_threads(before)

@@ -112,6 +112,13 @@ def matmul_rate(dtype_name: str, n: int = 1024, seconds: float = 1.0) -> float:
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     n = n if dtype == torch.float32 or _bf16_fast() else 256
+    return timed_matmuls(dtype, n, seconds)
+
+
+def timed_matmuls(dtype, n: int, seconds: float) -> float:
+    """GFLOP/s of back-to-back ``n x n`` matmuls in ``dtype`` for about ``seconds`` (after one warm-up)."""
+    import torch
+
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     reps, t = 0, time.perf_counter()
