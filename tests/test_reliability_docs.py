@@ -65,7 +65,7 @@ def _normalise(text: str) -> str:
 def test_the_scan_finds_the_messages_it_should():
     found = {piece for _, _, piece in messages()}
     assert len(found) > 100
-    assert any(p.startswith("the tokenizer has no pad token: set tokenizer.pad_token") for p in found)
+    assert any(p.startswith("the tokenizer has neither a pad token nor an EOS token") for p in found)
     assert any("the loss was finite): check the learning rate" in p for p in found)
     assert any("leaves no room for a completion within max_length=" in p for p in found)
 

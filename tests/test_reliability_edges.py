@@ -100,18 +100,21 @@ def test_tokenizer_without_pad_token(tmp_path, tok):
     no_pad = copy.deepcopy(tok)
     no_pad.pad_token = None
     assert no_pad.pad_token_id is None
-    # policy trainers refuse with the fix in the message ...
-    with pytest.raises(ValueError, match="the tokenizer has no pad token: set tokenizer.pad_token"):
-        _dpo(tmp_path, no_pad, PAIRS)
-    # ... the reward trainer pads with EOS (the reward is read at each sequence's own last token, not at pads)
+    # every trainer pads with EOS, as TRL does (padding is never scored; the reward is read at each sequence's
+    # own last token, not at pads) ...
+    dpo = _dpo(tmp_path, copy.deepcopy(no_pad), PAIRS)
+    assert dpo.processing_class.pad_token_id == tok.eos_token_id
+    dpo.train()
     rm = RewardTrainer(build_tiny_llama(tok, seed=1), args=_args(tmp_path, RewardConfig), train_dataset=PAIRS,
                        processing_class=copy.deepcopy(no_pad))
     assert rm.processing_class.pad_token_id == tok.eos_token_id
     rm.remove_callback(PrinterCallback)
     rm.train()
-    # and with the suggested fix the DPO run works
-    no_pad.pad_token = no_pad.eos_token
-    _dpo(tmp_path, no_pad, PAIRS).train()
+    # ... and a tokenizer with neither a pad nor an EOS token is refused, with the fix in the message
+    bare = copy.deepcopy(no_pad)
+    bare.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS token to pad with: set tokenizer.pad_token"):
+        _dpo(tmp_path, bare, PAIRS)
 
 
 def test_model_without_chat_template(tmp_path, tok):

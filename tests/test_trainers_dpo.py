@@ -283,3 +283,106 @@ def test_bundled_smollm2_lora_and_qlora(tmp_path, four_bit):
         with torch.no_grad():
             torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits,
                                        atol=1e-4, rtol=1e-4)
+
+
+def _hand_losses(policy, ref, data, per_pair):
+    out = []
+    for row in data:
+        pc = _seq_logp(policy, row["prompt_ids"], row["chosen_ids"])
+        pr = _seq_logp(policy, row["prompt_ids"], row["rejected_ids"])
+        rc = _seq_logp(ref, row["prompt_ids"], row["chosen_ids"])
+        rr = _seq_logp(ref, row["prompt_ids"], row["rejected_ids"])
+        out.append(per_pair(pc - rc, pr - rr))
+    return sum(out) / len(out)
+
+
+def _log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def _discopop(h_w, h_l, beta=0.3, tau=0.2):  # Lu et al. 2024, eq. 5
+    z = beta * (h_w - h_l)
+    w = 1 / (1 + math.exp(-z / tau))
+    return (1 - w) * -_log_sigmoid(z) + w * math.exp(-z)
+
+
+def _alpha_sigmoid(h_w, h_l, beta=0.3, a=0.3):  # f-DPO with f'(u) = (u^(a-1) - 1) / (a - 1), u = exp(h)
+    def f(h):
+        return (math.exp((a - 1) * h) - 1) / (a - 1)
+    return -_log_sigmoid(beta * (f(h_w) - f(h_l)))
+
+
+@pytest.mark.parametrize("fields,per_pair", [
+    ({"loss_type": "discopop", "discopop_tau": 0.2}, _discopop),
+    ({"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}, _alpha_sigmoid),
+], ids=["discopop_tau", "alpha_divergence"])
+def test_trl_loss_fields_reach_the_loss_and_loss_kwargs_is_an_alias(tmp_path, tok, data, fields, per_pair):
+    policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
+    loss_type = fields.pop("loss_type")
+    with pytest.warns(FutureWarning, match="loss_kwargs is deprecated"):
+        old = _args(tmp_path, beta=0.3, loss_type=loss_type, loss_kwargs=dict(fields))
+    new = _args(tmp_path, beta=0.3, loss_type=loss_type, **fields)
+    assert all(getattr(old, k) == v for k, v in fields.items()) and old.loss_kwargs is None
+    losses = []
+    for args in (new, old):
+        trainer = DPOTrainer(policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, trainer.data_collator(list(data))).item())
+    expected = _hand_losses(policy, ref, data, per_pair)
+    assert losses[0] == pytest.approx(expected, abs=1e-5)
+    assert losses[1] == losses[0]
+
+
+def test_trl_loss_fields_have_trl_names_and_defaults():
+    import dataclasses
+
+    from trl import DPOConfig as TRLDPOConfig
+
+    ours = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
+    theirs = {f.name: f.default for f in dataclasses.fields(TRLDPOConfig)}
+    for name in ("discopop_tau", "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing", "beta"):
+        assert ours[name] == theirs[name], name
+
+
+def test_loss_settings_are_checked_when_the_config_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"'exo_pair' needs DPOConfig.label_smoothing > 0"):
+        _args(tmp_path, loss_type="exo_pair")
+    assert _args(tmp_path, loss_type="exo_pair", label_smoothing=1e-3).label_smoothing == 1e-3
+    with pytest.raises(ValueError, match="rdpo has no f-divergence generalisation"):
+        _args(tmp_path, loss_type=["sigmoid", "rdpo"], f_divergence_type="js_divergence")
+    with pytest.raises(ValueError, match="the listwise"):
+        _args(tmp_path, loss_type="lipo", f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="reference-free"):
+        _args(tmp_path, loss_type="simpo", f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="unknown f_divergence_type 'kl'"):
+        _args(tmp_path, f_divergence_type="kl")
+    with pytest.raises(ValueError, match="discopop_tau must be positive"):
+        _args(tmp_path, loss_type="discopop", discopop_tau=0.0)
+    with pytest.raises(ValueError, match=r"loss_kwargs has keys no loss takes: \['tau'\]"):
+        _args(tmp_path, loss_kwargs={"tau": 0.1})
+    with pytest.raises(ValueError, match="disagree; set only DPOConfig.discopop_tau"):
+        _args(tmp_path, discopop_tau=0.3, loss_kwargs={"discopop_tau": 0.2})
+    # the sft term of a mix ignores the divergence (as in TRL): accepted
+    assert _args(tmp_path, loss_type=["sigmoid", "sft"], f_divergence_type="js_divergence").f_divergence_type
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tok, data):
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
+    policy.config.pad_token_id = None
+    trainer = DPOTrainer(policy, ref_model=ref, args=_args(tmp_path), train_dataset=data, processing_class=no_pad)
+    assert no_pad.pad_token_id == tok.eos_token_id and policy.config.pad_token_id == tok.eos_token_id
+    batch = trainer.data_collator(list(data))
+    assert (batch["input_ids"] == tok.eos_token_id).any()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    # padding is never scored: the same loss as with a pad token distinct from EOS
+    other = copy.deepcopy(tok)
+    other.pad_token = other.convert_ids_to_tokens(0)
+    assert other.pad_token_id != tok.eos_token_id
+    reference = DPOTrainer(policy, ref_model=ref, args=_args(tmp_path), train_dataset=data, processing_class=other)
+    with torch.no_grad():
+        assert loss == pytest.approx(reference.compute_loss(reference.model, reference.data_collator(list(data))).item(),
+                                     abs=1e-6)

@@ -512,3 +512,20 @@ def test_smollm2_4bit_lora(tmp_path):
     tok = load_tokenizer()
     trainer = _smol_trainer(tmp_path, model, tok)
     _assert_lora_moves_the_right_way(trainer, trainer.data_collator(_rows(trainer.train_dataset)))
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tok, data):
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    other = copy.deepcopy(tok)
+    other.pad_token = other.convert_ids_to_tokens(0)
+    assert other.pad_token_id != tok.eos_token_id
+    policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
+    losses = []
+    for tokenizer in (no_pad, other):
+        trainer = KTOTrainer(policy, ref_model=ref, args=_args(tmp_path), train_dataset=data,
+                             processing_class=tokenizer)
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, trainer.data_collator(_rows(trainer.train_dataset))).item())
+    assert no_pad.pad_token_id == tok.eos_token_id
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)  # padding is never scored, whatever token it is

@@ -141,3 +141,17 @@ def test_pairwise_data_trains_on_the_chosen_answers(tmp_path, tok):
 def test_prompt_only_data_is_refused_with_a_clear_message(tmp_path, tok):
     with pytest.raises(ValueError, match="sft"):
         SFTTrainer(build_tiny_llama(tok), args=_args(tmp_path), train_dataset=[{"prompt": "Hi"}], processing_class=tok)
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tok, data):
+    import copy
+
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    model = build_tiny_llama(tok, seed=3)
+    trainer = SFTTrainer(model, args=_args(tmp_path), train_dataset=data, processing_class=no_pad)
+    assert no_pad.pad_token_id == tok.eos_token_id
+    batch = trainer.data_collator([data[i] for i in range(3)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    assert loss == pytest.approx(_hand_nll(model, data), abs=1e-5)  # padding (now EOS) is never scored

@@ -244,6 +244,65 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: nn.Module | None = None) -> PreTrainedTokenizerBase:
+    """Give ``tokenizer`` a pad token when it has none: its EOS token, as TRL's trainers do (Llama tokenizers
+    ship without one). The tokenizer is changed in place, so a saved tokenizer pads the same way; a model whose
+    config (and generation config) has no ``pad_token_id`` is given the tokenizer's.
+
+    Padding is never scored: every collator builds its masks from sequence lengths, not from ``pad_token_id``,
+    so an EOS that doubles as pad is still trained on where it ends a completion.
+
+    >>> from hfrlhf.models.tiny import build_tiny_tokenizer
+    >>> tok = build_tiny_tokenizer()
+    >>> tok.pad_token = None
+    >>> ensure_pad_token(tok).pad_token == tok.eos_token
+    True
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with: set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if config is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def prepare_policy(
+    model: PreTrainedModel | nn.Module | str,
+    processing_class: PreTrainedTokenizerBase | None,
+    args: HfrlhfConfig,
+    peft_config: Any = None,
+    ref_model: PreTrainedModel | nn.Module | str | None = None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase, nn.Module | None]:
+    """What every causal-LM trainer does first: returns ``(model, tokenizer, ref_model)``.
+
+    A model given by name is loaded with its tokenizer (unless ``processing_class`` is given), a reference
+    given by name is loaded too; the tokenizer gets a pad token (:func:`ensure_pad_token`), ``peft_config``
+    attaches a LoRA adapter (:func:`attach_peft`) and, with ``args.disable_dropout``, dropout is switched off
+    in the policy and the reference (which is also frozen and put in eval mode).
+    """
+    from hfrlhf.models.loading import load_causal_lm, load_tokenizer
+
+    if isinstance(model, str):
+        processing_class = processing_class or load_tokenizer(model)
+        model = load_causal_lm(model)
+    if isinstance(ref_model, str):
+        ref_model = load_causal_lm(ref_model)
+    if ref_model is not None and ref_model is model:
+        raise ValueError("model and ref_model are the same object; omit ref_model to use a frozen copy")
+    if processing_class is None:
+        raise ValueError("processing_class (the tokenizer) is required when model is not given by name")
+    ensure_pad_token(processing_class, model)
+    model = attach_peft(model, peft_config, args)
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
+    for m in (model, ref_model):
+        if m is not None and args.disable_dropout:
+            disable_dropout(m)
+    return model, processing_class, ref_model
+
+
 class HfrlhfTrainer(Trainer):
     """A ``transformers.Trainer`` with per-step metric averaging, bf16 autocast and a non-finite loss guard."""
 

@@ -18,8 +18,9 @@ log-probs computed from hidden states in chunks over the vocabulary (no ``[B, T,
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,13 +30,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hfrlhf.data.collators import ListwiseCollator, PairwiseCollator
 from hfrlhf.losses import get_loss
 from hfrlhf.losses.listwise import ListLogps
-from hfrlhf.losses.preference import PairLogps, chosen_nll
-from hfrlhf.models.loading import load_causal_lm, load_tokenizer
+from hfrlhf.losses.preference import F_DIVERGENCES, PairLogps, chosen_nll
 from hfrlhf.ops.logprobs import batch_logprobs
-from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, attach_peft, disable_dropout, prepare_dataset
+from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, prepare_dataset, prepare_policy
 from hfrlhf.trainers.reference import Reference, WithReferenceColumn, is_peft_model, precompute_reference
 
 __all__ = ["DPOConfig", "DPOTrainer"]
+
+
+# the config fields handed to every loss function (each ignores those it does not use)
+_LOSS_FIELDS = ("beta", "label_smoothing", "simpo_gamma", "cpo_alpha", "rdpo_alpha", "discopop_tau",
+                "f_divergence_type", "f_alpha_divergence_coef")
 
 
 @dataclass
@@ -59,8 +64,24 @@ class DPOConfig(HfrlhfConfig):
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
     cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of the NLL term SimPO/CPO add on chosen."})
     rdpo_alpha: float = field(default=0.0, metadata={"help": "R-DPO length penalty on the margin (|y_w| - |y_l|)."})
+    discopop_tau: float = field(
+        default=0.05, metadata={"help": "DiscoPOP temperature: how sharply the margin blends its logistic and "
+                                        "exponential terms (loss_type='discopop'; the paper's 0.05)."}
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={"help": "f-DPO regulariser between policy and reference: reverse_kl (DPO), forward_kl, "
+                          "js_divergence or alpha_divergence. Only the losses built on the chosen-minus-rejected "
+                          "score accept another than reverse_kl: sigmoid, sigmoid_norm, hinge, ipo, robust, "
+                          "exo_pair, discopop (and the reference-free sft, which ignores it)."},
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "alpha of the alpha-divergence (f_divergence_type='alpha_divergence')."}
+    )
     loss_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Extra keyword arguments for the loss function (by name)."}
+        default=None,
+        metadata={"help": "Deprecated: every loss hyperparameter is a field of this config; a key of loss_kwargs "
+                          "that names one is moved to it with a warning, any other key is an error."},
     )
     reference_free: bool = field(
         default=False, metadata={"help": "Use a uniform reference (log-prob 0) instead of a reference model."}
@@ -83,11 +104,55 @@ class DPOConfig(HfrlhfConfig):
             raise ValueError(f"loss_type mixes pairwise and listwise losses: {self.loss_type}")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"{len(self.loss_weights)} loss_weights for {len(self.loss_type)} loss types")
+        self._take_loss_kwargs()
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise ValueError("loss_type 'exo_pair' needs DPOConfig.label_smoothing > 0 (the EXO paper uses 1e-3); "
+                             "it is the epsilon of the smoothed target, and 0 makes the loss infinite")
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
+        if self.discopop_tau <= 0:
+            raise ValueError(f"discopop_tau must be positive, got {self.discopop_tau}")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"unknown f_divergence_type {self.f_divergence_type!r}; choose one of {list(F_DIVERGENCES)}")
+        if self.f_divergence_type != "reverse_kl":
+            self._check_f_divergence(specs)
         super().__post_init__()
+
+    def _take_loss_kwargs(self) -> None:
+        """Move the keys of the deprecated ``loss_kwargs`` onto the fields of the same name (one mechanism)."""
+        if not self.loss_kwargs:
+            return
+        known = {f.name for f in fields(self) if f.name in _LOSS_FIELDS}
+        unknown = sorted(set(self.loss_kwargs) - known)
+        if unknown:
+            raise ValueError(f"loss_kwargs has keys no loss takes: {unknown}; the loss hyperparameters are the "
+                             f"DPOConfig fields {sorted(known)}")
+        defaults = {f.name: f.default for f in fields(self) if f.name in known}
+        for key, value in self.loss_kwargs.items():
+            current = getattr(self, key)
+            if current != defaults[key] and current != value:
+                raise ValueError(f"DPOConfig.{key}={current!r} and loss_kwargs[{key!r}]={value!r} disagree; "
+                                 f"set only DPOConfig.{key}")
+            setattr(self, key, value)
+        warnings.warn(f"DPOConfig.loss_kwargs is deprecated: set the fields directly "
+                      f"({', '.join(f'{k}={v!r}' for k, v in self.loss_kwargs.items())})", FutureWarning, stacklevel=3)
+        self.loss_kwargs = None
+
+    def _check_f_divergence(self, specs: list) -> None:
+        """Refuse, at construction, an f-divergence that a chosen loss would refuse at its first step: each
+        pairwise loss is asked on a one-pair batch (the loss itself knows whether it has an f-DPO form)."""
+        if specs[0].listwise:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies to pairwise losses only; "
+                             f"the listwise {self.loss_type} have no f-divergence form")
+        if all(spec.reference_free for spec in specs):
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} changes the pull toward a reference, "
+                             f"which the reference-free {self.loss_type} do not have; use 'reverse_kl'")
+        one = torch.zeros(1)
+        probe = PairLogps(one, one, one + 1, one + 1)
+        for spec in specs:
+            spec.fn(probe, None if spec.reference_free else probe, margin=None, **self.hyperparameters())
 
     @property
     def is_listwise(self) -> bool:
@@ -99,8 +164,7 @@ class DPOConfig(HfrlhfConfig):
 
     def hyperparameters(self) -> dict[str, Any]:
         """Keyword arguments handed to every loss function (each ignores what it does not use)."""
-        return {"beta": self.beta, "label_smoothing": self.label_smoothing, "simpo_gamma": self.simpo_gamma,
-                "rdpo_alpha": self.rdpo_alpha, "cpo_alpha": self.cpo_alpha, **(self.loss_kwargs or {})}
+        return {name: getattr(self, name) for name in _LOSS_FIELDS}
 
 
 def _pairwise_ref_sequences(batch: dict[str, torch.Tensor], per_row: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -160,18 +224,7 @@ class DPOTrainer(HfrlhfTrainer):
         **kwargs: Any,
     ) -> None:
         args = args or DPOConfig(output_dir="dpo-output")
-        if isinstance(model, str):
-            processing_class = processing_class or load_tokenizer(model)
-            model = load_causal_lm(model)
-        if isinstance(ref_model, str):
-            ref_model = load_causal_lm(ref_model)
-        if processing_class is None:
-            raise ValueError("processing_class (the tokenizer) is required when model is not given by name")
-        if processing_class.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its EOS token)")
-        model = attach_peft(model, peft_config, args)
-        if args.disable_dropout:
-            disable_dropout(model)
+        model, processing_class, ref_model = prepare_policy(model, processing_class, args, peft_config, ref_model)
 
         self.loss_specs = [get_loss("preference", n) for n in args.loss_type]
         self.loss_weights = args.loss_weights or [1.0] * len(self.loss_specs)
@@ -191,8 +244,6 @@ class DPOTrainer(HfrlhfTrainer):
             ref_model = copy.deepcopy(model)  # full fine-tuning: the reference is the policy as it starts
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
-            if args.disable_dropout:
-                disable_dropout(ref_model)
         use_adapter_off = args.needs_reference and ref_model is None and is_peft_model(model)
         if args.needs_reference and ref_model is None and not use_adapter_off and not args.precompute_ref_log_probs:
             raise ValueError("a reference is needed: pass ref_model, a peft_config, or precompute_ref_log_probs=True")

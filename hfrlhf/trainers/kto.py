@@ -51,9 +51,8 @@ from hfrlhf.data.formats import load
 from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.losses import get_loss
 from hfrlhf.losses.kto import SUM_METRICS, desirable_undesirable_warning, kto_log_metrics, kto_reference_point
-from hfrlhf.models.loading import load_causal_lm, load_tokenizer
 from hfrlhf.ops.logprobs import batch_logprobs
-from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, attach_peft, disable_dropout, prepare_dataset
+from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, prepare_dataset, prepare_policy
 from hfrlhf.trainers.reference import (
     REF_COLUMN,
     Reference,
@@ -286,20 +285,7 @@ class KTOTrainer(HfrlhfTrainer):
         **kwargs: Any,
     ) -> None:
         args = args or KTOConfig(output_dir="kto-output")
-        if isinstance(model, str):
-            processing_class = processing_class or load_tokenizer(model)
-            model = load_causal_lm(model)
-        if isinstance(ref_model, str):
-            ref_model = load_causal_lm(ref_model)
-        if ref_model is not None and ref_model is model:
-            raise ValueError("model and ref_model are the same object; omit ref_model to use a frozen copy")
-        if processing_class is None:
-            raise ValueError("processing_class (the tokenizer) is required when model is not given by name")
-        if processing_class.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its EOS token)")
-        model = attach_peft(model, peft_config, args)
-        if args.disable_dropout:
-            disable_dropout(model)
+        model, processing_class, ref_model = prepare_policy(model, processing_class, args, peft_config, ref_model)
 
         self.loss_spec = get_loss("kto", args.loss_type)
         self.uses_kl = args.uses_kl
@@ -318,8 +304,6 @@ class KTOTrainer(HfrlhfTrainer):
             ref_model = copy.deepcopy(model)  # full fine-tuning: the reference is the policy as it starts
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
-            if args.disable_dropout:
-                disable_dropout(ref_model)
         use_adapter_off = ref_model is None and is_peft_model(model)
 
         super().__init__(

@@ -30,9 +30,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfrlhf.data.collators import SFTCollator
-from hfrlhf.models.loading import load_causal_lm, load_tokenizer
 from hfrlhf.ops.logprobs import batch_logprobs
-from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, attach_peft, disable_dropout, prepare_dataset
+from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, prepare_dataset, prepare_policy
 
 __all__ = ["SFTConfig", "SFTTrainer", "WholeSequenceCollator"]
 
@@ -112,16 +111,7 @@ class SFTTrainer(HfrlhfTrainer):
         **kwargs: Any,
     ) -> None:
         args = args or SFTConfig(output_dir="sft-output")
-        if isinstance(model, str):
-            processing_class = processing_class or load_tokenizer(model)
-            model = load_causal_lm(model)
-        if processing_class is None:
-            raise ValueError("processing_class (the tokenizer) is required when model is not given by name")
-        if processing_class.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its EOS token)")
-        model = attach_peft(model, peft_config, args)
-        if args.disable_dropout:
-            disable_dropout(model)
+        model, processing_class, _ = prepare_policy(model, processing_class, args, peft_config)
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, processing_class, args, kinds=("sft",))
         if eval_dataset is not None:
