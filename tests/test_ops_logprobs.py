@@ -9,25 +9,45 @@ def _reference(h, w, t, temperature=1.0):
     return torch.log_softmax((h @ w.T) / temperature, -1).gather(1, t[:, None]).squeeze(1)
 
 
+@pytest.mark.parametrize("frozen_head", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
-def test_linear_logprob_matches_full_softmax_and_its_gradients(chunk, temperature):
+def test_linear_logprob_matches_full_softmax_and_its_gradients(chunk, temperature, frozen_head):
+    # frozen_head: the gradient for hidden is finished in forward (no recomputation in backward)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
     t = torch.randint(0, 13, (7,), generator=g)
     upstream = torch.randn(7, generator=g, dtype=torch.float64)
 
     ours = linear_logprob(h, w, t, chunk_size=chunk, temperature=temperature)
     (ours.double() * upstream).sum().backward()
-    gh, gw = h.grad.clone(), w.grad.clone()
+    gh = h.grad.clone()
+    gw = None if frozen_head else w.grad.clone()
     h.grad = w.grad = None
     ref = _reference(h, w, t, temperature)
     (ref * upstream).sum().backward()
 
     torch.testing.assert_close(ours.double(), ref.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(gh, h.grad, atol=1e-6, rtol=0)
-    torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=0)
+    if not frozen_head:
+        torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=0)
+
+
+def test_frozen_head_gradient_in_float32_matches_full_softmax():
+    # the fp32 path the trainers take under LoRA, against float64 autograd through a full softmax
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g) / 4
+    t = torch.randint(0, 300, (40,), generator=g)
+    upstream = torch.randn(40, generator=g)
+    ours = linear_logprob(h, w, t, chunk_size=16)
+    (ours * upstream).sum().backward()
+    h64 = h.detach().double().requires_grad_()
+    ref = _reference(h64, w.double(), t)
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(ours.double(), ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_logprob_gradcheck():

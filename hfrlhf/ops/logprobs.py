@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from hfrlhf.ops.lora import fused_lora
+
 __all__ = ["LinearLogprob", "SequenceLogprobs", "linear_logprob", "hidden_states", "batch_logprobs", "token_entropy"]
 
 
@@ -29,37 +31,67 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def _chunk_softmax(logits: torch.Tensor, target: torch.Tensor, temperature: float):
+    """In place: ``logits (c, V)`` become ``softmax(logits / temperature)``. Returns ``(log p[target], lse)``.
+
+    One ``(c, V)`` buffer, no temporaries of its size (``torch.logsumexp`` and ``exp(x - lse)`` each make one).
+    """
+    if temperature != 1.0:
+        logits.div_(temperature)
+    top = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+    logits.sub_(top)
+    picked = logits.gather(1, target[:, None]).squeeze(1)  # (c,) target logit minus the max
+    total = logits.exp_().sum(dim=-1)  # (c,)
+    log_total = total.log()
+    logits.div_(total[:, None])
+    return picked - log_total, top.squeeze(1) + log_total
+
+
 class LinearLogprob(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T / temperature)[n, target[n]]`` without storing the logits.
 
-    Forward computes each ``[chunk, V]`` block of logits, keeps only the log-prob of the target and the
-    log-sum-exp; backward recomputes the block. Matmuls run in the autocast dtype (bf16 on a CPU that has
-    it), softmax and log-sum-exp in float32.
+    Forward computes each ``[chunk, V]`` block of logits and keeps only the log-prob of the target. The
+    gradient with respect to ``hidden`` is ``grad_out[n] * (w[target[n]] - softmax_n @ w) / temperature``:
+    when ``weight`` needs no gradient (a frozen head, as under LoRA) the bracket, ``(N, H)``, is computed
+    in forward from the block already there, and backward is one multiplication. When ``weight`` needs a
+    gradient, forward keeps the log-sum-exp and backward recomputes each block. Matmuls run in the
+    autocast dtype (bf16 on a CPU that has it), softmax and log-sum-exp in float32 (float64 for a float64
+    model).
 
     Shape: hidden ``(N, H)``, weight ``(V, H)``, target ``(N,)`` -> ``(N,)`` float32.
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden, weight, target, chunk_size: int, temperature: float, dtype: torch.dtype):
+    def forward(ctx: Any, hidden, weight, target, chunk_size: int, temperature: float, dtype: torch.dtype,
+                grad_in_forward: bool = False):
         n = hidden.shape[0]
         acc = torch.float64 if dtype == torch.float64 else torch.float32  # softmax precision
         out = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
+        unit_grad = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if grad_in_forward else None
         w = weight.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
                 logits = (hidden[sl].to(dtype) @ w.T).to(acc)  # (c, V)
-                if temperature != 1.0:
-                    logits = logits / temperature
-                lse[sl] = torch.logsumexp(logits, dim=-1)
-                out[sl] = logits.gather(1, target[sl, None]).squeeze(1) - lse[sl]
-        ctx.save_for_backward(hidden, weight, target, lse)
-        ctx.chunk_size, ctx.temperature, ctx.dtype = chunk_size, temperature, dtype
+                out[sl], lse[sl] = _chunk_softmax(logits, target[sl], temperature)
+                if grad_in_forward:  # d logp[t] / d h = (w[t] - softmax @ w) / temperature
+                    probs_w = (logits.to(dtype) @ w).to(acc)  # (c, H)
+                    unit_grad[sl] = (w[target[sl]].to(acc) - probs_w) / temperature
+        if grad_in_forward:
+            ctx.save_for_backward(unit_grad)
+        else:
+            ctx.save_for_backward(hidden, weight, target, lse)
+        ctx.chunk_size, ctx.temperature, ctx.dtype, ctx.grad_in_forward = chunk_size, temperature, dtype, grad_in_forward
+        ctx.hidden_dtype = hidden.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
+        if ctx.grad_in_forward:
+            (unit_grad,) = ctx.saved_tensors
+            grad_h = (grad_out[:, None].to(unit_grad.dtype) * unit_grad).to(ctx.hidden_dtype)
+            return grad_h, None, None, None, None, None, None
         hidden, weight, target, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype, temp = ctx.dtype, ctx.temperature
@@ -71,21 +103,21 @@ class LinearLogprob(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 sl = slice(start, start + ctx.chunk_size)
                 h = hidden[sl].to(dtype)
-                logits = (h @ w.T).to(acc)
+                g = (h @ w.T).to(acc)  # (c, V) logits, then in place the gradient
                 if temp != 1.0:
-                    logits = logits / temp
-                # d logp[t] / d logits = onehot(t) - softmax(logits)
+                    g.div_(temp)
+                # d logp[t] / d logits = (onehot(t) - softmax(logits)) / temperature
                 go = grad_out[sl, None].to(acc)
-                g = torch.exp(logits - lse[sl, None]).mul_(-go)
+                g.sub_(lse[sl, None]).exp_().mul_(-go)
                 g.scatter_add_(1, target[sl, None], go)
                 if temp != 1.0:
-                    g = g / temp
+                    g.div_(temp)
                 g = g.to(dtype)
                 if need_h:
                     grad_h[sl] = (g @ w).to(hidden.dtype)
                 if need_w:
                     grad_w += (g.T @ h).to(acc)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
 def linear_logprob(
@@ -99,7 +131,10 @@ def linear_logprob(
     >>> torch.allclose(linear_logprob(h, w, t, chunk_size=2), ref, atol=1e-6)
     True
     """
-    return LinearLogprob.apply(hidden, weight, target, chunk_size, float(temperature), _compute_dtype(hidden))
+    # a frozen head: the gradient for hidden is finished in forward, with no second pass over the vocabulary
+    grad_in_forward = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+    return LinearLogprob.apply(hidden, weight, target, chunk_size, float(temperature), _compute_dtype(hidden),
+                               grad_in_forward)
 
 
 class SequenceLogprobs(NamedTuple):
@@ -122,7 +157,8 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
     Under a distributed wrapper (DDP) with gradients on, the forward goes through the wrapper so gradient
     synchronisation is prepared; ``logits_to_keep=1`` keeps the head's cost to one position per row.
-    Otherwise the decoder is called directly.
+    Otherwise the decoder is called directly. LoRA layers run their fused form (:func:`fused_lora`) where
+    it computes the same function.
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
     inner = _unwrap(model)
@@ -133,10 +169,11 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
         dtype = inner.get_input_embeddings().weight.dtype
         if dtype.is_floating_point and mask.dtype != dtype:
             inputs["attention_mask"] = mask.to(dtype)
-    if inner is not model and torch.is_grad_enabled():
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        return out.hidden_states[-1]
-    return inner.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    with fused_lora(inner):  # peft's LoRA layers without their element-wise passes (hfrlhf/ops/lora.py)
+        if inner is not model and torch.is_grad_enabled():
+            out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            return out.hidden_states[-1]
+        return inner.get_decoder()(**inputs, use_cache=False).last_hidden_state
 
 
 def batch_logprobs(
