@@ -1,9 +1,15 @@
+import copy
 import json
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, PrinterCallback
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaForSequenceClassification,
+    PrinterCallback,
+    ProgressCallback,
+)
 
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from hfrlhf.ops.logprobs import batch_logprobs
@@ -59,6 +65,15 @@ def _scores(logs):
 
 
 # --- config -------------------------------------------------------------------------------------------------------
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tok):
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    trainer = PPOTrainer(_args(tmp_path), no_pad, build_tiny_llama(tok), reward_model=length_reward,
+                         train_dataset=PROMPTS[:4])
+    assert no_pad.pad_token_id == tok.eos_token_id and trainer.pad_id == tok.eos_token_id
+    assert _train(trainer)
+
+
 def test_config_validates_combinations(tmp_path):
     with pytest.raises(ValueError, match="num_generations >= 2"):
         _args(tmp_path, advantage_estimator="rloo")
@@ -70,6 +85,27 @@ def test_config_validates_combinations(tmp_path):
         _args(tmp_path, advantage_estimator="ppo")
     args = _args(tmp_path, max_new_tokens=9, max_length=100, num_generations=2, gradient_accumulation_steps=2)
     assert args.response_length == 9 and args.max_prompt_length == 91 and args.micro_batch_size == 2
+
+
+# --- progress -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("disable_tqdm, main_process", [(False, True), (True, True), (False, False)],
+                         ids=["shown", "disable_tqdm", "other_process"])
+def test_rollout_generation_progress_bar(tmp_path, tok, capsys, monkeypatch, disable_tqdm, main_process):
+    trainer = PPOTrainer(_args(tmp_path, disable_tqdm=disable_tqdm, response_length=5), tok, build_tiny_llama(tok),
+                         reward_model=length_reward, train_dataset=PROMPTS[:4])
+    trainer.remove_callback(ProgressCallback)  # the Trainer's own bar over steps: only the rollout bar may print
+    monkeypatch.setattr(trainer, "is_world_process_zero", lambda: main_process)
+    ticks = []
+    embeddings = trainer.model.policy.get_input_embeddings()
+    embeddings.register_forward_hook(lambda *_: ticks.append(1))
+    capsys.readouterr()
+    _train(trainer)
+    err = capsys.readouterr().err
+    if disable_tqdm or not main_process:
+        assert "rollout: generating" not in err
+    else:
+        assert "rollout: generating 4 responses" in err and "0/5" in err
+    assert ticks  # generation ran either way
 
 
 # --- learning on a toy task ------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import math
 import os
 import sys
 from collections import defaultdict
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 from accelerate import skip_first_batches
 from datasets import Dataset
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import has_length, set_seed
@@ -61,7 +63,13 @@ from hfrlhf.ops.rollout import (
     truncate_at_stop,
     update_loss,
 )
-from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, disable_dropout, prepare_dataset
+from hfrlhf.trainers.base import (
+    HfrlhfConfig,
+    HfrlhfTrainer,
+    disable_dropout,
+    ensure_pad_token,
+    prepare_dataset,
+)
 from hfrlhf.trainers.reference import is_peft_model
 
 __all__ = ["PPOConfig", "PPOTrainer"]
@@ -218,8 +226,9 @@ class PPOTrainer(HfrlhfTrainer):
         if isinstance(model, str):
             processing_class = processing_class or load_tokenizer(model)
             model = load_causal_lm(model)
-        if processing_class is None or processing_class.pad_token_id is None:
-            raise ValueError("processing_class (the tokenizer, with a pad token) is required")
+        if processing_class is None:
+            raise ValueError("processing_class (the tokenizer) is required when model is not given by name")
+        ensure_pad_token(processing_class, model)
         ref_model = load_causal_lm(ref_model) if isinstance(ref_model, str) else ref_model
         reward_model = load_reward_model(reward_model) if isinstance(reward_model, str) else reward_model
         scorer = RewardScorer(reward_model, processing_class, reward_processing_class)
@@ -280,12 +289,36 @@ class PPOTrainer(HfrlhfTrainer):
     def _sample(self, ac: ActorCritic, prompts: list[Any], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         """Stages 1-2: generate, cut after the first stop token, score at the last real token.
         Returns ``(responses, completions, batch, raw scores)``."""
-        responses = truncate_at_stop(generate(unwrap(ac.policy), prompt_ids, prompt_mask, self.generation_config),
-                                     self.stop_ids, self.pad_id)
+        policy = unwrap(ac.policy)
+        with self._generation_progress(policy, prompt_ids.shape[0]):
+            ids = generate(policy, prompt_ids, prompt_mask, self.generation_config)
+        responses = truncate_at_stop(ids, self.stop_ids, self.pad_id)
         completions = self.processing_class.batch_decode(
             [ids[:n] for ids, n in zip(responses.ids.tolist(), responses.lengths.tolist())], skip_special_tokens=True)
         batch = sequence_batch(prompt_ids, prompt_mask, responses, self.pad_id)
         return responses, completions, batch, self.scorer(prompts, completions, batch, responses.ended)
+
+    @contextmanager
+    def _generation_progress(self, policy: nn.Module, rows: int) -> Iterator[None]:
+        """A progress bar over one rollout's generation, one tick per decoding step (a forward of the input
+        embeddings), up to ``response_length``; the Trainer's own bar moves once per rollout. Only on the main
+        process, and not with ``disable_tqdm``."""
+        if self.args.disable_tqdm or not self.is_world_process_zero():
+            yield
+            return
+        bar = tqdm(total=self.args.response_length, desc=f"rollout: generating {rows} responses", unit="tok",
+                   leave=False, dynamic_ncols=True)
+
+        def tick(*_: Any) -> None:
+            if bar.n < bar.total:
+                bar.update(1)
+
+        hook = policy.get_input_embeddings().register_forward_hook(tick)
+        try:
+            yield
+        finally:
+            hook.remove()
+            bar.close()
 
     # --- one PPO iteration -----------------------------------------------------------------------------------------
     def _ppo_step(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[float, float | None]:
