@@ -254,11 +254,14 @@ def test_layouts_give_identical_logps(attn):
         "padded_left": PairwiseCollator(eos, padding_side="left"),
         "packed": PairwiseCollator(eos, layout="packed", max_tokens_per_row=40),
         "shared_prompt": PairwiseCollator(eos, layout="shared_prompt", pad_to_multiple_of=8),
+        "shared_prompt_packed": PairwiseCollator(eos, layout="shared_prompt", max_tokens_per_row=64),
     }
     for name, collator in collators.items():
         batch = collator(feats)
         if name == "packed":
             assert batch["input_ids"].shape[0] < 6  # several sequences share a row
+        if name == "shared_prompt_packed":  # the three prompts with their completions (21, 16, 24 tokens): one row
+            assert batch["input_ids"].shape == (1, 61)
         got = _seq_logps(model, batch, 6)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"{name} with {attn}")
         assert batch["input_ids"].view(-1)[batch["last_index"]].tolist() == [eos] * 6, name
@@ -304,11 +307,15 @@ ids_list = st.lists(st.integers(3, 60), min_size=1, max_size=6)
     layout=st.sampled_from(["padded", "packed", "shared_prompt"]),
     left=st.booleans(),
     multiple=st.sampled_from([None, 4]),
+    capacity=st.sampled_from([None, 18, 40]),
 )
-def test_index_scheme_random_pairwise(records, layout, left, multiple):
+def test_index_scheme_random_pairwise(records, layout, left, multiple, capacity):
     feats = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in records]
     side = "left" if left and layout == "padded" else "right"
-    b = PairwiseCollator(0, layout=layout, padding_side=side, pad_to_multiple_of=multiple)(feats)
+    # a row capacity packs shared-prompt units (at most 18 tokens each here) several to a row
+    capacity = capacity if layout == "shared_prompt" else None
+    b = PairwiseCollator(0, layout=layout, padding_side=side, pad_to_multiple_of=multiple,
+                         max_tokens_per_row=capacity)(feats)
     n = len(feats)
     prompts = [f["prompt_ids"] for f in feats] * 2
     completions = [f["chosen_ids"] for f in feats] + [f["rejected_ids"] for f in feats]
@@ -336,5 +343,7 @@ def test_index_scheme_random_pairwise(records, layout, left, multiple):
             assert flat_ids[r * width + keys].tolist() == full
     if layout == "padded":
         assert rows == 2 * n
-    elif layout == "shared_prompt":
+    elif layout == "shared_prompt" and capacity is None:
         assert rows == n
+    elif layout == "shared_prompt":
+        assert rows <= n and width <= -(-capacity // (multiple or 1)) * (multiple or 1)

@@ -386,3 +386,46 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tok, data):
     with torch.no_grad():
         assert loss == pytest.approx(reference.compute_loss(reference.model, reference.data_collator(list(data))).item(),
                                      abs=1e-6)
+
+
+@pytest.mark.parametrize("layout,capacity", [("padded", None), ("shared_prompt", None), ("shared_prompt", 256)])
+def test_lora_fast_paths_give_the_plain_gradients(tmp_path, tok, data, monkeypatch, layout, capacity):
+    # LoRA with the adapter-off reference, float64 (RMSNorm rounds through float32, hence not 1e-12): the fused LoRA layers and the frozen head's gradient
+    # finished in forward (and, for shared_prompt, the layout and its row packing) against the plain path:
+    # peft's own LoRA forward, in the padded layout
+    import hfrlhf.ops.logprobs as logprobs
+    from hfrlhf.ops.lora import fused_lora
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    base = build_tiny_llama(tok, seed=1).double()
+    results = {}
+    for name, lay, cap, fused in (("plain", "padded", None, False), ("fast", layout, capacity, True)):
+        monkeypatch.setattr(logprobs, "fused_lora", fused_lora if fused else _NoFusion)
+        torch.manual_seed(0)  # the same random (non-zero) adapter weights in both runs
+        trainer = DPOTrainer(copy.deepcopy(base), args=_args(tmp_path, layout=lay, max_tokens_per_row=cap),
+                             train_dataset=data, processing_class=tok, peft_config=lora)
+        batch = trainer.data_collator([data[i] for i in range(4)])
+        if cap is not None:
+            assert batch["input_ids"].shape[0] < 4  # several prompts share a row
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[name] = (loss.item(), grads)
+    (plain_loss, plain), (fast_loss, fast) = results["plain"], results["fast"]
+    assert fast_loss == pytest.approx(plain_loss, abs=1e-9)
+    assert fast.keys() == plain.keys() and len(plain) > 10 and all("lora" in n for n in plain)
+    for n, g in plain.items():
+        torch.testing.assert_close(fast[n], g, atol=1e-7, rtol=1e-5, msg=n)
+
+
+class _NoFusion:
+    """Stands in for ``fused_lora``: peft's own LoRA forward everywhere."""
+
+    def __init__(self, model):
+        pass
+
+    def __enter__(self):
+        return 0
+
+    def __exit__(self, *exc):
+        return False

@@ -113,9 +113,52 @@ def test_right_left_packed_and_shared_prompt_layouts_give_the_same_rewards(tok, 
                              for k in ("chosen_ids", "rejected_ids") for f in feats], dtype=torch.float64)
     for collator in [PairwiseCollator(pad), PairwiseCollator(pad, padding_side="left"),
                      PairwiseCollator(pad, layout="packed", max_tokens_per_row=128),
-                     PairwiseCollator(pad, layout="shared_prompt")]:
+                     PairwiseCollator(pad, layout="shared_prompt"),
+                     PairwiseCollator(pad, layout="shared_prompt", max_tokens_per_row=256)]:
         got = _rewards(model, collator(feats))
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"{collator}")
+
+
+def test_lora_fast_paths_give_the_plain_loss_and_gradients(tmp_path, tok, pairs, monkeypatch):
+    # float64 (Llama's RMSNorm still rounds through float32, hence not 1e-12), LoRA: fused LoRA layers in the shared-prompt layout with prompts packed several to a row,
+    # against peft's own LoRA forward in the padded layout
+    import hfrlhf.ops.logprobs as logprobs
+    from hfrlhf.ops.lora import fused_lora
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False,
+                      task_type="SEQ_CLS")
+    base = _reward_model(tok, seed=4).double()
+    feats = [pairs[i] for i in range(4)]
+    results = {}
+    for name, layout, cap, fused in (("plain", "padded", None, False), ("fast", "shared_prompt", 256, True)):
+        monkeypatch.setattr(logprobs, "fused_lora", fused_lora if fused else _NoFusion)
+        torch.manual_seed(0)  # the same random (non-zero) adapter weights in both runs
+        trainer = RewardTrainer(copy.deepcopy(base), args=_args(tmp_path, layout=layout, max_tokens_per_row=cap),
+                                train_dataset=pairs, processing_class=tok, peft_config=lora)
+        batch = trainer.data_collator(feats)
+        assert batch["input_ids"].shape[0] == (8 if cap is None else 1)
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results[name] = loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                      if p.grad is not None}
+    (plain_loss, plain), (fast_loss, fast) = results["plain"], results["fast"]
+    assert fast_loss == pytest.approx(plain_loss, abs=1e-9)
+    assert fast.keys() == plain.keys() and len(plain) > 10
+    for n, g in plain.items():
+        torch.testing.assert_close(fast[n], g, atol=1e-7, rtol=1e-5, msg=n)
+
+
+class _NoFusion:
+    """Stands in for ``fused_lora``: peft's own LoRA forward everywhere."""
+
+    def __init__(self, model):
+        pass
+
+    def __enter__(self):
+        return 0
+
+    def __exit__(self, *exc):
+        return False
 
 
 def test_listwise_layouts_give_the_same_rewards(tok):

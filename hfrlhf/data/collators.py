@@ -123,7 +123,9 @@ def build_batch(
             must have the same first segment, which is laid out once. Default: every sequence alone.
         padding_side: ``"right"`` or ``"left"``; only the padded layout can pad on the left.
         pad_to_multiple_of: round ``T`` up to a multiple of this.
-        max_tokens_per_row: row capacity for ``"packed"`` (default: the longest sequence).
+        max_tokens_per_row: row capacity for ``"packed"`` (default: the longest sequence). Given for
+            ``"shared_prompt"``, its units (a prompt with its completions) are packed first-fit into rows of
+            this capacity instead of one unit per row: less padding, one longer attention per row.
         mask_dtype: float dtype of the 4D additive mask.
 
     Returns:
@@ -163,12 +165,13 @@ def build_batch(
     else:
         units = [_expand_unit(sequences, [s], share_first=False) for s in range(num_seqs)]
 
-    # 2. rows: one unit per row, or first-fit packing for "packed"
+    # 2. rows: one unit per row, or first-fit packing for "packed" (and "shared_prompt" given a row capacity)
     lengths = [len(u.tokens) for u in units]
-    if layout == "packed":
+    if layout == "packed" or (layout == "shared_prompt" and max_tokens_per_row is not None):
         capacity = max(lengths) if max_tokens_per_row is None else max_tokens_per_row
         if max(lengths) > capacity:
-            raise ValueError(f"a sequence of {max(lengths)} tokens does not fit max_tokens_per_row={capacity}")
+            what = "a sequence" if layout == "packed" else "a prompt with its completions"
+            raise ValueError(f"{what} of {max(lengths)} tokens does not fit max_tokens_per_row={capacity}")
         rows = _first_fit_decreasing(lengths, capacity)
     else:
         rows = [[i] for i in range(len(units))]

@@ -78,6 +78,12 @@ class DPOConfig(HfrlhfConfig):
     f_alpha_divergence_coef: float = field(
         default=0.5, metadata={"help": "alpha of the alpha-divergence (f_divergence_type='alpha_divergence')."}
     )
+    max_tokens_per_row: int | None = field(
+        default=None,
+        metadata={"help": "Row capacity of the packed and shared_prompt layouts. packed: sequences per row (default: the "
+                          "longest sequence). shared_prompt: when set, prompts with their completions are packed "
+                          "several to a row (less padding; one longer attention per row); default: one per row."},
+    )
     loss_kwargs: dict[str, Any] | None = field(
         default=None,
         metadata={"help": "Deprecated: every loss hyperparameter is a field of this config; a key of loss_kwargs "
@@ -235,7 +241,8 @@ class DPOTrainer(HfrlhfTrainer):
             eval_dataset = prepare_dataset(eval_dataset, processing_class, args, kinds=kinds, name="eval_dataset")
 
         layout_cls = ListwiseCollator if args.is_listwise else PairwiseCollator
-        base_collator = data_collator or layout_cls(processing_class.pad_token_id, layout=args.layout)
+        base_collator = data_collator or layout_cls(processing_class.pad_token_id, layout=args.layout,
+                                                    max_tokens_per_row=args.max_tokens_per_row)
         to_seq = _listwise_ref_sequences if args.is_listwise else _pairwise_ref_sequences
         self._per_row = _listwise_rows if args.is_listwise else _pairwise_rows
 

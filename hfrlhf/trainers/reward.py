@@ -105,6 +105,12 @@ class RewardConfig(HfrlhfConfig):
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad the batch length up to a multiple of this."}
     )
+    max_tokens_per_row: int | None = field(
+        default=None,
+        metadata={"help": "Row capacity of the packed and shared_prompt layouts. packed: sequences per row (default: the "
+                          "longest sequence). shared_prompt: when set, prompts with their completions are packed "
+                          "several to a row (less padding; one longer attention per row); default: one per row."},
+    )
 
     def __post_init__(self) -> None:
         spec = get_loss("reward", self.loss_type)  # fails early on unknown names, listing the known ones
@@ -295,7 +301,8 @@ class RewardTrainer(HfrlhfTrainer):
         if data_collator is None:
             collator_cls = _KINDS[self.data_kind][0]
             data_collator = _WithTokenCount(collator_cls(processing_class.pad_token_id, layout=args.layout,
-                                                         pad_to_multiple_of=args.pad_to_multiple_of))
+                                                         pad_to_multiple_of=args.pad_to_multiple_of,
+                                                         max_tokens_per_row=args.max_tokens_per_row))
 
         super().__init__(
             model=model,
