@@ -5,6 +5,7 @@ Trainers subclass :class:`HfrlhfTrainer` and only orchestrate.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -274,15 +275,20 @@ def prepare_policy(
     args: HfrlhfConfig,
     peft_config: Any = None,
     ref_model: PreTrainedModel | nn.Module | str | None = None,
+    *,
+    copy_reference: bool = False,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, nn.Module | None]:
     """What every causal-LM trainer does first: returns ``(model, tokenizer, ref_model)``.
 
     A model given by name is loaded with its tokenizer (unless ``processing_class`` is given), a reference
     given by name is loaded too; the tokenizer gets a pad token (:func:`ensure_pad_token`), ``peft_config``
-    attaches a LoRA adapter (:func:`attach_peft`) and, with ``args.disable_dropout``, dropout is switched off
-    in the policy and the reference (which is also frozen and put in eval mode).
+    attaches a LoRA adapter (:func:`attach_peft`). With ``copy_reference`` and no ``ref_model``, a model
+    without an adapter gets a frozen copy of itself as the reference (full fine-tuning: the reference is the
+    policy as it starts; with an adapter the reference is the policy with its adapter off, no copy). The
+    reference is frozen and put in eval mode; with ``args.disable_dropout`` dropout is off in both.
     """
     from hfrlhf.models.loading import load_causal_lm, load_tokenizer
+    from hfrlhf.trainers.reference import is_peft_model
 
     if isinstance(model, str):
         processing_class = processing_class or load_tokenizer(model)
@@ -295,6 +301,8 @@ def prepare_policy(
         raise ValueError("processing_class (the tokenizer) is required when model is not given by name")
     ensure_pad_token(processing_class, model)
     model = attach_peft(model, peft_config, args)
+    if ref_model is None and copy_reference and not is_peft_model(model):
+        ref_model = copy.deepcopy(model)
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
     for m in (model, ref_model):

@@ -34,10 +34,8 @@ use the same value.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,15 +44,14 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hfrlhf.data.collators import Segment, UnpairedCollator
 from hfrlhf.data.formats import load
 from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.losses import get_loss
 from hfrlhf.losses.kto import SUM_METRICS, desirable_undesirable_warning, kto_log_metrics, kto_reference_point
 from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, prepare_dataset, prepare_policy
+from hfrlhf.trainers.kto_pairs import KL_COLUMN, KTOCollator, add_kl_partners
 from hfrlhf.trainers.reference import (
-    REF_COLUMN,
     Reference,
     WithReferenceColumn,
     is_peft_model,
@@ -62,9 +59,6 @@ from hfrlhf.trainers.reference import (
 )
 
 __all__ = ["KL_COLUMN", "KTOCollator", "KTOConfig", "KTOTrainer", "add_kl_partners"]
-
-KL_COLUMN = "kl_completion_ids"  # per row: the completion ids of its fixed mismatched partner
-
 
 @dataclass
 class KTOConfig(HfrlhfConfig):
@@ -105,114 +99,6 @@ class KTOConfig(HfrlhfConfig):
     def uses_kl(self) -> bool:
         """Whether the loss needs the KL reference point (and so mismatched pairs in every batch)."""
         return "kl" in get_loss("kto", self.loss_type).needs
-
-
-# --- mismatched pairs ------------------------------------------------------------------------------------------
-def _next_different(keys: Sequence[Any]) -> list[int]:
-    """For each position k of a cycle, the first position after k whose key differs (k + 1 if none does)."""
-    n = len(keys)
-    ext = list(keys) * 2
-    nxt: list[int | None] = [None] * (2 * n)
-    for p in range(2 * n - 2, -1, -1):
-        nxt[p] = p + 1 if ext[p + 1] != ext[p] else nxt[p + 1]
-    return [(nxt[k] if nxt[k] is not None else k + 1) % n for k in range(n)]
-
-
-def add_kl_partners(dataset: Dataset, *, seed: int = 0, max_length: int | None = None) -> Dataset:
-    """Give every tokenized unpaired row a fixed mismatched completion, in a ``kl_completion_ids`` column.
-
-    The rows are put in a cycle by a permutation seeded with ``seed``; a row's partner is the next row of
-    the cycle whose prompt differs (so the pair really is mismatched; only when every prompt is the same
-    does a row get the next row). Partners are cut so that prompt + partner fits ``max_length``. The result
-    depends only on the dataset and the arguments, so cached reference log-probs stay valid across runs.
-
-    >>> ds = Dataset.from_dict({"prompt_ids": [[1], [1], [2], [3]], "completion_ids": [[5], [6], [7], [8]],
-    ...                         "label": [True, False, True, False]})
-    >>> rows = add_kl_partners(ds, seed=0)
-    >>> all(r["kl_completion_ids"] != r["completion_ids"] for r in rows)
-    True
-    """
-    if KL_COLUMN in dataset.column_names:
-        return dataset
-    n = len(dataset)
-    prompts, completions = list(dataset["prompt_ids"]), list(dataset["completion_ids"])
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    step = _next_different([tuple(prompts[i]) for i in order]) if n else []
-    partner = [0] * n
-    for k, row in enumerate(order):
-        partner[row] = order[step[k]]
-    column = []
-    for row in range(n):
-        ids = list(completions[partner[row]])
-        if max_length is not None:
-            ids = ids[: max(1, max_length - len(prompts[row]))]
-        column.append(ids)
-    fingerprint = hashlib.sha256(f"{dataset._fingerprint}|{KL_COLUMN}|{seed}|{max_length}".encode()).hexdigest()[:16]
-    return dataset.add_column(KL_COLUMN, column, new_fingerprint=fingerprint)
-
-
-def _mismatched_order(keys: Sequence[Any]) -> list[int]:
-    """An order of the rows in which row i and row (i + 1) mod B have different prompts, when one exists
-    among the simple interleavings; the identity when it already holds (so distinct prompts keep their order)."""
-    n = len(keys)
-    if n < 2 or all(keys[i] != keys[(i + 1) % n] for i in range(n)):
-        return list(range(n))
-    groups: dict[Any, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    flat = [i for g in sorted(groups.values(), key=len, reverse=True) for i in g]
-    slots = list(range(0, n, 2)) + list(range(1, n, 2))  # biggest group on every other slot
-    order = [0] * n
-    for slot, i in zip(slots, flat):
-        order[slot] = i
-    return order
-
-
-class KTOCollator(UnpairedCollator):
-    """``UnpairedCollator(kl_pairs=True)`` whose mismatched pairs are really mismatched.
-
-    Returns ``S = 2B`` sequences (``S = B`` with ``kl_pairs=False``): sequence ``i`` is row ``i``, sequence
-    ``B + i`` is row ``i``'s prompt with a mismatched completion, plus ``labels`` ``(B,)`` bool. The
-    mismatched completion is
-
-    - the next row's, after reordering the rows so neighbours have different prompts (``kl_source="batch"``);
-    - the row's own ``kl_completion_ids`` (see :func:`add_kl_partners`) with ``kl_source="row"``, and also
-      in batch mode when the batch holds one row or the rows carry cached reference log-probs.
-
-    >>> feats = [{"prompt_ids": [5], "completion_ids": [6, 2], "label": True},
-    ...          {"prompt_ids": [5], "completion_ids": [7, 2], "label": False},
-    ...          {"prompt_ids": [8], "completion_ids": [9, 2], "label": True},
-    ...          {"prompt_ids": [3], "completion_ids": [4, 2], "label": False}]
-    >>> batch = KTOCollator(pad_token_id=0)(feats)
-    >>> batch["input_ids"][4:], batch["labels"]  # the two rows of prompt 5 are no longer neighbours
-    (tensor([[5, 9, 2],
-            [8, 7, 2],
-            [5, 4, 2],
-            [3, 6, 2]]), tensor([ True,  True, False, False]))
-    """
-
-    def __init__(self, pad_token_id: int, *, kl_pairs: bool = True, kl_source: str = "batch", **kwargs: Any) -> None:
-        super().__init__(pad_token_id, kl_pairs=kl_pairs, **kwargs)
-        if kl_source not in ("batch", "row"):
-            raise ValueError(f"kl_source must be 'batch' or 'row', got {kl_source!r}")
-        self.kl_source = kl_source
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not self.kl_pairs:
-            return super().__call__(features)
-        use_rows = self.kl_source == "row" or len(features) == 1 or REF_COLUMN in features[0]
-        if not use_rows:
-            keys = [tuple(f["prompt_ids"]) for f in features]
-            return super().__call__([features[i] for i in _mismatched_order(keys)])
-        if KL_COLUMN not in features[0]:
-            raise ValueError(f"rows need a {KL_COLUMN!r} column here: add it with add_kl_partners(dataset)")
-        n = len(features)
-        prompts = [list(f["prompt_ids"]) for f in features]
-        sequences = [[Segment(p, False), Segment(list(f["completion_ids"]), True)] for p, f in zip(prompts, features)]
-        sequences += [[Segment(p, False), Segment(list(f[KL_COLUMN]), True)] for p, f in zip(prompts, features)]
-        batch = self._build(sequences, groups=list(range(n)) * 2)
-        batch["labels"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)
-        return batch
 
 
 # --- reference cache mapping -------------------------------------------------------------------------------------
@@ -285,7 +171,10 @@ class KTOTrainer(HfrlhfTrainer):
         **kwargs: Any,
     ) -> None:
         args = args or KTOConfig(output_dir="kto-output")
-        model, processing_class, ref_model = prepare_policy(model, processing_class, args, peft_config, ref_model)
+        # the reference: explicit, a frozen copy (full fine-tuning), the policy with its adapter off (LoRA), or
+        # cached log-probs
+        model, processing_class, ref_model = prepare_policy(
+            model, processing_class, args, peft_config, ref_model, copy_reference=not args.precompute_ref_log_probs)
 
         self.loss_spec = get_loss("kto", args.loss_type)
         self.uses_kl = args.uses_kl
@@ -299,11 +188,6 @@ class KTOTrainer(HfrlhfTrainer):
         base_collator = data_collator or KTOCollator(processing_class.pad_token_id, **collator_kw)
         self._precompute_collator = KTOCollator(processing_class.pad_token_id, kl_source="row", **collator_kw)
 
-        # the reference: explicit, adapter-off, a frozen copy, or cached log-probs
-        if ref_model is None and not is_peft_model(model) and not args.precompute_ref_log_probs:
-            ref_model = copy.deepcopy(model)  # full fine-tuning: the reference is the policy as it starts
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
         use_adapter_off = ref_model is None and is_peft_model(model)
 
         super().__init__(
