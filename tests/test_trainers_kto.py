@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -285,12 +284,6 @@ def test_metrics_are_summed_then_divided_over_micro_batches(tmp_path, tok, data)
     assert logged["kl"] == pytest.approx(sum(kls) / 2, abs=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _DDP_SCRIPT = textwrap.dedent('''
     import json, sys, torch
     from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
@@ -333,10 +326,16 @@ _DDP_SCRIPT = textwrap.dedent('''
 def test_two_processes_one_without_undesirable_examples(tmp_path):
     script = tmp_path / "ddp_kto.py"
     script.write_text(_DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    # as the other torchrun tests: no distributed or accelerate settings inherited from the session, the
+    # rendezvous port chosen by torchrun itself (a port probed here could be taken by another process before
+    # torchrun binds it), and room for two processes starting on a loaded machine
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path / "out")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
