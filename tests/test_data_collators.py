@@ -18,6 +18,7 @@ from hfrlhf.data.collators import (
     build_batch,
 )
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.ops.logprobs import batch_logprobs
 
 PAD = 2  # the same id as EOS, as with SmolLM2: masks must come from lengths, not from ids
 
@@ -264,6 +265,9 @@ def test_layouts_give_identical_logps(attn):
             assert batch["input_ids"].shape == (1, 61)
         got = _seq_logps(model, batch, 6)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"{name} with {attn}")
+        with torch.no_grad():  # the trainers' path: with sdpa, the attention of attention_blocks
+            fast = batch_logprobs(model, batch, chunk_size=4).seq_logps
+        torch.testing.assert_close(fast, expected, atol=1e-5, rtol=0, msg=f"{name} with {attn}, batch_logprobs")
         assert batch["input_ids"].view(-1)[batch["last_index"]].tolist() == [eos] * 6, name
 
 
@@ -341,8 +345,23 @@ def test_index_scheme_random_pairwise(records, layout, left, multiple, capacity)
             r, col = divmod(b["last_index"][s].item(), width)
             keys = allowed(b["attention_mask"])[r, col].nonzero().squeeze(-1)
             assert flat_ids[r * width + keys].tolist() == full
+    if layout != "padded":
+        # attention_blocks allow exactly what the 4D mask allows, for every real token; pads are in no block
+        from_blocks = torch.zeros(rows, width, width, dtype=torch.bool)
+        for r, q0, q1, p0, p1 in b["attention_blocks"].tolist():
+            assert p0 <= p1 <= q0 < q1 <= width
+            from_blocks[r, q0:q1, p0:p1] = True
+            from_blocks[r, q0:q1, q0:q1] = torch.ones(q1 - q0, q1 - q0, dtype=torch.bool).tril()
+        covered = from_blocks.any(-1)  # (R, T): query columns in a block
+        mask = allowed(b["attention_mask"])
+        assert torch.equal(from_blocks[covered], mask[covered])
+        assert torch.equal(mask[~covered], torch.eye(width, dtype=torch.bool).expand(rows, width, width)[~covered])
+        shared = len(feats) if layout == "shared_prompt" else 0
+        assert covered.sum() == sum(len(p) + len(c) for p, c in zip(prompts, completions)) - sum(
+            len(f["prompt_ids"]) for f in feats[:shared])
     if layout == "padded":
         assert rows == 2 * n
+        assert "attention_blocks" not in b
     elif layout == "shared_prompt" and capacity is None:
         assert rows == n
     elif layout == "shared_prompt":

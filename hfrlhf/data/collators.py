@@ -131,7 +131,8 @@ def build_batch(
     Returns:
         ``input_ids`` ``(R, T)``; ``attention_mask`` ``(R, T)`` long (padded) or ``(R, 1, T, T)``
         ``mask_dtype`` (packed, shared_prompt); ``position_ids`` ``(R, T)``; ``pred_index``, ``target_index``,
-        ``target_seq`` ``(N,)``; ``last_index`` ``(S,)``. Scored tokens are ordered by sequence, then by
+        ``target_seq`` ``(N,)``; ``last_index`` ``(S,)``; for packed and shared_prompt also
+        ``attention_blocks`` ``(K, 5)``, the mask's causal blocks (``hfrlhf.ops.block_attention``). Scored tokens are ordered by sequence, then by
         position in the sequence, whatever the layout. The first token of a sequence has no predecessor and
         is never scored.
 
@@ -187,6 +188,7 @@ def build_batch(
     unit_of = -1 - torch.arange(width).expand(num_rows, width).clone()
     branch_of = torch.full((num_rows, width), -2, dtype=torch.long)
     flat_cols: list[torch.Tensor | None] = [None] * num_seqs  # flat index of each sequence's tokens
+    blocks: list[tuple[int, int, int, int, int]] = []
     scored_flags: list[list[bool]] = [[] for _ in range(num_seqs)]
     for r, row in enumerate(rows):
         start = width - row_lengths[r] if padding_side == "left" else 0
@@ -200,6 +202,7 @@ def build_batch(
             for s, cols, scored in unit.members:
                 flat_cols[s] = torch.tensor(cols, dtype=torch.long) + start + r * width
                 scored_flags[s] = scored
+            blocks.extend(_unit_blocks(unit.branches, r, start))
             start += n
 
     if layout != "padded":
@@ -234,7 +237,7 @@ def build_batch(
         pred.append(cols_t[j - 1])
         seq.append(torch.full((len(j),), s, dtype=torch.long))
         last.append(cols_t[-1:])
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
@@ -243,6 +246,29 @@ def build_batch(
         "target_seq": torch.cat(seq),
         "last_index": torch.cat(last),
     }
+    if layout != "padded":
+        out["attention_blocks"] = torch.tensor(blocks, dtype=torch.long).reshape(-1, 5)
+    return out
+
+
+def _unit_blocks(branches: Sequence[int], row: int, start: int) -> list[tuple[int, int, int, int, int]]:
+    """The causal blocks of a unit laid out from column ``start``: ``(row, q_start, q_end, prefix_start,
+    prefix_end)`` (see ``hfrlhf.ops.block_attention``). The shared prefix and the first completion form one
+    causal span; every further completion attends to the prefix and causally to itself."""
+    prefix = 0
+    while prefix < len(branches) and branches[prefix] == -1:
+        prefix += 1
+    runs: list[list[int]] = []  # [first column, end column] of each completion, in order
+    for col in range(prefix, len(branches)):
+        if runs and branches[col] == branches[col - 1]:
+            runs[-1][1] = col + 1
+        else:
+            runs.append([col, col + 1])
+    if not runs:
+        return [(row, start, start + prefix, start, start)]
+    out = [(row, start, start + runs[0][1], start, start)]
+    out += [(row, start + a, start + b, start, start + prefix) for a, b in runs[1:]]
+    return out
 
 
 def _ids(feature: Mapping[str, Any], key: str) -> list[int]:

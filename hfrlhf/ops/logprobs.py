@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from hfrlhf.ops.block_attention import blocked_attention
 from hfrlhf.ops.lora import fused_lora
 
 __all__ = ["LinearLogprob", "SequenceLogprobs", "linear_logprob", "hidden_states", "batch_logprobs", "token_entropy"]
@@ -158,7 +159,8 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     Under a distributed wrapper (DDP) with gradients on, the forward goes through the wrapper so gradient
     synchronisation is prepared; ``logits_to_keep=1`` keeps the head's cost to one position per row.
     Otherwise the decoder is called directly. LoRA layers run their fused form (:func:`fused_lora`) where
-    it computes the same function.
+    it computes the same function, and a batch's ``attention_blocks`` replace its 4D mask's attention under
+    ``sdpa`` (:func:`blocked_attention`).
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
     inner = _unwrap(model)
@@ -169,7 +171,9 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
         dtype = inner.get_input_embeddings().weight.dtype
         if dtype.is_floating_point and mask.dtype != dtype:
             inputs["attention_mask"] = mask.to(dtype)
-    with fused_lora(inner):  # peft's LoRA layers without their element-wise passes (hfrlhf/ops/lora.py)
+    # peft's LoRA layers without their element-wise passes (hfrlhf/ops/lora.py); the 4D mask's attention as
+    # causal blocks where the batch describes them (hfrlhf/ops/block_attention.py)
+    with fused_lora(inner), blocked_attention(inner, batch.get("attention_blocks")):
         if inner is not model and torch.is_grad_enabled():
             out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
             return out.hidden_states[-1]
