@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -91,6 +92,8 @@ def test_config_validates_combinations(tmp_path):
 @pytest.mark.parametrize("disable_tqdm, main_process", [(False, True), (True, True), (False, False)],
                          ids=["shown", "disable_tqdm", "other_process"])
 def test_rollout_generation_progress_bar(tmp_path, tok, capsys, monkeypatch, disable_tqdm, main_process):
+    if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true") and not disable_tqdm and main_process:
+        pytest.skip("TQDM_DISABLE hides every bar in this environment")
     trainer = PPOTrainer(_args(tmp_path, disable_tqdm=disable_tqdm, response_length=5), tok, build_tiny_llama(tok),
                          reward_model=length_reward, train_dataset=PROMPTS[:4])
     trainer.remove_callback(ProgressCallback)  # the Trainer's own bar over steps: only the rollout bar may print
