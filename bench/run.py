@@ -76,32 +76,44 @@ def _loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+# hfrlhf's shared-prompt rows hold up to two full pairs' worth of tokens (max_tokens_per_row = 2 * max_length):
+# prompts with their completions packed several to a row, no padding between them
+PACK = ["--layout", "shared_prompt", "--max_tokens_per_row", "{2L}"]
+
 VARIANTS: dict[str, dict[str, list[str]]] = {
     # label -> worker flags; labels starting with "trl" run TRL, the others hfrlhf
-    "dpo": {"trl": [], "hfrlhf": ["--layout", "shared_prompt"],
-            "hfrlhf+cached-ref": ["--layout", "shared_prompt", "--precompute_ref"],
+    # "+cached-ref": both libraries precompute the reference log-probs before training (each one's documented
+    # precompute_ref_log_probs option), and each is compared with the other's run of the same setting
+    "dpo": {"trl": [], "hfrlhf": PACK,
+            "trl+cached-ref": ["--precompute_ref"],
+            "hfrlhf+cached-ref": [*PACK, "--precompute_ref"],
             "hfrlhf padded": ["--layout", "padded"], "hfrlhf packed": ["--layout", "packed"]},
-    # the three layouts side by side, under the same machine load (the cached reference is in the main table)
+    # the layouts side by side, under the same machine load (the cached reference is in the main table)
     "ablation": {"hfrlhf padded": ["--layout", "padded"], "hfrlhf packed": ["--layout", "packed"],
-                 "hfrlhf shared_prompt": ["--layout", "shared_prompt"]},
+                 "hfrlhf shared_prompt": ["--layout", "shared_prompt"], "hfrlhf shared_prompt packed": PACK},
     "kto": {"trl": [], "hfrlhf": ["--layout", "padded"]},
-    "reward": {"trl": [], "hfrlhf": ["--layout", "shared_prompt"]},
+    "reward": {"trl": [], "hfrlhf": PACK},
 }
 
 
-def main_table(tasks: list[str], repeats: int, common: list[str], name: str, quick: bool) -> None:
+def _flags(extra: list[str], max_length: int) -> list[str]:
+    return [f.replace("{2L}", str(2 * max_length)) for f in extra]
+
+
+def main_table(tasks: list[str], repeats: int, common: list[str], name: str, quick: bool, max_length: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"machine": machine(), "command": "python " + " ".join(sys.argv), "loadavg_start": _loadavg(),
               "runs": []}
     for task in tasks:
         variants = VARIANTS[task]
         if quick:
-            variants = {k: v for k, v in variants.items() if k in ("trl", "hfrlhf", "hfrlhf+cached-ref")}
+            variants = {k: v for k, v in variants.items() if k in ("trl", "hfrlhf", "trl+cached-ref", "hfrlhf+cached-ref")}
         for rep in range(repeats):
             for label, extra in variants.items():  # alternate the libraries inside each repeat
                 lib = "trl" if label.startswith("trl") else "hfrlhf"
                 worker_task = "dpo" if task == "ablation" else task
-                res = run_worker(["--lib", lib, "--task", worker_task, "--seed", "0", *common, *extra])
+                res = run_worker(["--lib", lib, "--task", worker_task, "--seed", "0", *common,
+                                  *_flags(extra, max_length)])
                 res["variant"], res["repeat"] = label, rep
                 record["runs"].append(res)
                 print(f"{task} {label} rep {rep}: {res['median_step_s']:.2f} s/step, {res['tokens_per_s']:.0f} tok/s, "
@@ -134,7 +146,7 @@ def memory_scaling(lengths: list[int], common: list[str], batch: int, name: str)
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"command": "python " + " ".join(sys.argv), "loadavg_start": _loadavg(), "runs": []}
     for length in lengths:
-        for lib, extra in (("trl", []), ("hfrlhf", ["--layout", "shared_prompt"])):
+        for lib, extra in (("trl", []), ("hfrlhf", _flags(PACK, length))):
             res = run_worker(["--lib", lib, "--task", "dpo", "--steps", "1", "--warmup", "0", "--batch", str(batch),
                               "--max_length", str(length), "--long", *common, *extra])
             record["runs"].append(res)
@@ -173,7 +185,7 @@ def main() -> None:
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every run (both libraries)")
-    ap.add_argument("--quick", action="store_true", help="TRL, the default hfrlhf variant and cached reference only (no layout ablation)")
+    ap.add_argument("--quick", action="store_true", help="each library's default variant and cached reference only (no layout ablation)")
     ap.add_argument("--memory", action="store_true", help="peak memory against --lengths (DPO, data filling max_length)")
     ap.add_argument("--ppo", action="store_true", help="PPO against TRL 1.12 (needs bash bench/setup_trl112.sh)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048])
@@ -191,7 +203,7 @@ def main() -> None:
     else:
         common += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
                    "--max_length", str(a.max_length)]
-        main_table(a.tasks, a.repeats, common, a.name or "main", a.quick)
+        main_table(a.tasks, a.repeats, common, a.name or "main", a.quick, a.max_length)
     report()
 
 

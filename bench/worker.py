@@ -143,7 +143,7 @@ def median(xs: list[float]) -> float:
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", choices=["hfrlhf", "trl"], required=True)
     ap.add_argument("--task", choices=["dpo", "kto", "reward"], required=True)
@@ -158,18 +158,22 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="every sequence fills max_length (memory curve)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--chunk", type=int, default=None, help="hfrlhf's logprob_chunk_size (default: the library's)")
+    ap.add_argument("--max_tokens_per_row", type=int, default=None,
+                    help="hfrlhf's row capacity (shared_prompt: pack prompts with their completions several to a row)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lora_r", type=int, default=16)
-    a = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+def build_trainer(a: argparse.Namespace, callbacks: list | None = None):
+    """The model, data and trainer of one run. Returns ``(trainer, tokenizer, rows, n_matmul, precision)``;
+    ``n_matmul`` is the weight count of the model-FLOPs formula."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
 
     from hfrlhf.models.loading import load_bundled
 
-    load_start = os.getloadavg()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -192,6 +196,52 @@ def main() -> None:
                   per_device_train_batch_size=batch, max_steps=n_steps, logging_steps=1000, disable_tqdm=True,
                   bf16=bf16, use_cpu=True, gradient_checkpointing=False, seed=a.seed, max_length=a.max_length,
                   learning_rate=1e-5)
+    callbacks = callbacks or []
+    ds = Dataset.from_list(rows)
+    if a.lib == "trl":
+        import trl
+
+        if a.task == "dpo":
+            trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**common, precompute_ref_log_probs=a.precompute_ref),
+                                     train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+        elif a.task == "kto":
+            trainer = trl.KTOTrainer(model=model, args=trl.KTOConfig(**common, precompute_ref_log_probs=a.precompute_ref),
+                                     train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+        else:
+            trainer = trl.RewardTrainer(model=model, args=trl.RewardConfig(**common), train_dataset=ds,
+                                        processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+    else:
+        import hfrlhf.trainers as T
+
+        if a.chunk:
+            common["logprob_chunk_size"] = a.chunk
+        rows_cap = {"max_tokens_per_row": a.max_tokens_per_row} if a.task != "kto" else {}
+
+        if a.task == "dpo":
+            cfg = T.DPOConfig(**common, **rows_cap, layout=a.layout, precompute_ref_log_probs=a.precompute_ref,
+                              ref_cache_dir=f"/tmp/hfrlhf-bench-refcache-{os.getpid()}")
+            trainer = T.DPOTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                                   callbacks=callbacks)
+        elif a.task == "kto":
+            cfg = T.KTOConfig(**common, layout=a.layout if a.layout != "shared_prompt" else "padded",
+                              precompute_ref_log_probs=a.precompute_ref)
+            trainer = T.KTOTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                                   callbacks=callbacks)
+        else:
+            cfg = T.RewardConfig(**common, **rows_cap, layout=a.layout)
+            trainer = T.RewardTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                                      callbacks=callbacks)
+    return trainer, tok, rows, n_matmul, precision
+
+
+def main() -> None:
+    a = parse_args()
+
+    import torch
+    from transformers import TrainerCallback
+
+    load_start = os.getloadavg()
+    batch = a.batch * 2 if a.task == "kto" else a.batch
 
     class Timer(TrainerCallback):
         def __init__(self) -> None:
@@ -205,40 +255,8 @@ def main() -> None:
             self.times.append(time.perf_counter() - self._t)
 
     timer = Timer()
-    ds = Dataset.from_list(rows)
     t0 = time.perf_counter()
-    if a.lib == "trl":
-        import trl
-
-        if a.task == "dpo":
-            trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**common, precompute_ref_log_probs=a.precompute_ref),
-                                     train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=[timer])
-        elif a.task == "kto":
-            trainer = trl.KTOTrainer(model=model, args=trl.KTOConfig(**common, precompute_ref_log_probs=a.precompute_ref),
-                                     train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=[timer])
-        else:
-            trainer = trl.RewardTrainer(model=model, args=trl.RewardConfig(**common), train_dataset=ds,
-                                        processing_class=tok, peft_config=peft_config, callbacks=[timer])
-    else:
-        import hfrlhf.trainers as T
-
-        if a.chunk:
-            common["logprob_chunk_size"] = a.chunk
-
-        if a.task == "dpo":
-            cfg = T.DPOConfig(**common, layout=a.layout, precompute_ref_log_probs=a.precompute_ref,
-                              ref_cache_dir=f"/tmp/hfrlhf-bench-refcache-{os.getpid()}")
-            trainer = T.DPOTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                                   callbacks=[timer])
-        elif a.task == "kto":
-            cfg = T.KTOConfig(**common, layout=a.layout if a.layout != "shared_prompt" else "padded",
-                              precompute_ref_log_probs=a.precompute_ref)
-            trainer = T.KTOTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                                   callbacks=[timer])
-        else:
-            cfg = T.RewardConfig(**common, layout=a.layout)
-            trainer = T.RewardTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                                      callbacks=[timer])
+    trainer, tok, rows, n_matmul, precision = build_trainer(a, [timer])
     setup_s = time.perf_counter() - t0
     peak_start = matmul_rate(precision)
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # model, data, trainer built
@@ -255,6 +273,7 @@ def main() -> None:
         "lib": a.lib, "task": a.task, "layout": a.layout if a.lib == "hfrlhf" else "trl", "precision": precision,
         "precompute_ref": a.precompute_ref, "batch": batch, "max_length": a.max_length,
         "long": a.long, "threads": torch.get_num_threads(), "logprob_chunk_size": a.chunk,
+        "max_tokens_per_row": a.max_tokens_per_row,
         "step_times": timer.times, "median_step_s": med, "tokens_per_step": tokens_per_step,
         "template_tokens_per_step": template_tokens_per_step, "token_columns": token_columns,
         "tokens_per_s": tokens_per_step / med, "flops_per_token": flops_per_token, "gflops": flops_per_token * tokens_per_step / med / 1e9,
