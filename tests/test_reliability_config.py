@@ -78,3 +78,33 @@ def test_eval_log_keeps_compute_metrics_values_over_batch_averages(tmp_path):
     trainer.store_metrics({"rewards/accuracies": 1.0})
     trainer.log({"loss": 0.5})
     assert trainer.state.log_history[-1]["rewards/accuracies"] == 1.0
+
+
+def test_eval_batch_metrics_are_weighted_by_batch_size(tmp_path):
+    """An evaluation over 12 pairs in batches of 8 and 4: the reported accuracy is over the 12 pairs (8 right, 4
+    wrong: 8/12), not the mean of the two batch accuracies (1/2), which over-weights the short last batch."""
+    tok = build_tiny_tokenizer()
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, max_length=32)
+    trainer = DPOTrainer(build_tiny_llama(tok, seed=1), args=args, train_dataset=Dataset.from_list(PAIRS),
+                         processing_class=tok)
+    trainer.model.eval()
+    trainer.store_metrics({"rewards/accuracies": 1.0}, weight=8)
+    trainer.store_metrics({"rewards/accuracies": 0.0}, weight=4)
+    trainer.log({"eval_loss": 0.7})
+    assert trainer.state.log_history[-1]["eval_rewards/accuracies"] == pytest.approx(8 / 12)
+
+
+def test_dpo_evaluation_accuracy_counts_every_pair_once(tmp_path):
+    """Through the real evaluation loop: 5 pairs in batches of 2 (2, 2, 1) must report the accuracy over the 5
+    pairs, the same as batches of 1 (where every batch is one pair, so no weighting can be wrong)."""
+    tok = build_tiny_tokenizer()
+    rows = Dataset.from_list((PAIRS * 2)[:5])
+    accuracy = {}
+    for batch in (2, 1):
+        args = DPOConfig(output_dir=str(tmp_path / str(batch)), report_to=[], save_strategy="no", disable_tqdm=True,
+                         max_length=32, per_device_eval_batch_size=batch, use_cpu=True)
+        trainer = DPOTrainer(build_tiny_llama(tok, seed=3), ref_model=build_tiny_llama(tok, seed=4), args=args,
+                             train_dataset=rows, eval_dataset=rows, processing_class=tok)
+        accuracy[batch] = trainer.evaluate()["eval_rewards/accuracies"]
+    assert 0 < accuracy[1] < 1  # a mix of right and wrong pairs, so a wrong weighting would show
+    assert accuracy[2] == pytest.approx(accuracy[1])

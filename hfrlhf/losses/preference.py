@@ -559,7 +559,7 @@ def discopop_loss(
 
         L = (1 - w) * -log sigmoid(z) + w * exp(-z)
 
-    ``tau = discopop_tau`` (the paper's 0.05; pass it through ``DPOConfig.loss_kwargs``). The exponential
+    ``tau = discopop_tau`` (the paper's 0.05; ``DPOConfig.discopop_tau``). The exponential
     term is computed as ``exp(-z + log sigmoid(z / tau))``, the same number, which stays finite for very
     negative margins where ``exp(-z)`` alone overflows (``tau < 1``).
 

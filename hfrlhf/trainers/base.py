@@ -317,6 +317,8 @@ class HfrlhfTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # items (pairs, prompts, sequences) behind each stored value, so a short last batch is not over-weighted
+        self._metric_weights: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.nonfinite_skipped = 0
         self.nonfinite_grad_skipped = 0
         self._skipped_in_step = 0  # micro-batches of the current optimizer step skipped for a non-finite loss
@@ -335,8 +337,10 @@ class HfrlhfTrainer(Trainer):
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"
 
-    def store_metrics(self, metrics: dict[str, torch.Tensor | float], *, mode: str | None = None) -> None:
-        """Record this micro-batch's metrics, averaged over processes; ``log()`` averages them over the step."""
+    def store_metrics(self, metrics: dict[str, torch.Tensor | float], *, mode: str | None = None,
+                      weight: float = 1.0) -> None:
+        """Record this micro-batch's metrics, averaged over processes; ``log()`` averages them over the step,
+        each value weighted by ``weight`` (the items it is a mean over: pass the batch's pairs or rows)."""
         mode = mode or self._mode
         if not metrics:
             return
@@ -348,12 +352,19 @@ class HfrlhfTrainer(Trainer):
         for name, value in zip(names, values.tolist()):
             if value == value:  # drop NaN (e.g. a metric of a kind absent from this batch)
                 self._metrics[mode][name].append(value)
+                self._metric_weights[mode][name].append(float(weight))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the step's averaged stored metrics to ``logs``. In evaluation a value already in ``logs`` (from
         ``compute_metrics``, exact over the whole set) wins over the batch average of a stored metric."""
         mode = "train" if self.model.training else "eval"
-        averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        averaged = {}
+        for k, v in self._metrics[mode].items():
+            w = self._metric_weights[mode].get(k, [])
+            if len(w) != len(v):  # values stored without store_metrics (e.g. a running count): plain mean
+                w = [1.0] * len(v)
+            if v:
+                averaged[k] = sum(x * y for x, y in zip(v, w)) / sum(w)
         if mode == "eval":
             for key, value in averaged.items():
                 logs.setdefault(f"eval_{key}", value)
@@ -365,6 +376,7 @@ class HfrlhfTrainer(Trainer):
             logs.update(averaged)
         super().log(logs, start_time)
         self._metrics[mode].clear()
+        self._metric_weights[mode].clear()
 
     # --- safety ----------------------------------------------------------------------------------------------
     def guard_loss(self, loss: torch.Tensor, model: nn.Module) -> torch.Tensor:

@@ -17,7 +17,6 @@ log-probs computed from hidden states in chunks over the vocabulary (no ``[B, T,
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -230,7 +229,10 @@ class DPOTrainer(HfrlhfTrainer):
         **kwargs: Any,
     ) -> None:
         args = args or DPOConfig(output_dir="dpo-output")
-        model, processing_class, ref_model = prepare_policy(model, processing_class, args, peft_config, ref_model)
+        # the reference: explicit, a frozen copy (full fine-tuning), the policy with its adapter off (LoRA), or none
+        model, processing_class, ref_model = prepare_policy(
+            model, processing_class, args, peft_config, ref_model,
+            copy_reference=args.needs_reference and not args.precompute_ref_log_probs)
 
         self.loss_specs = [get_loss("preference", n) for n in args.loss_type]
         self.loss_weights = args.loss_weights or [1.0] * len(self.loss_specs)
@@ -246,11 +248,6 @@ class DPOTrainer(HfrlhfTrainer):
         to_seq = _listwise_ref_sequences if args.is_listwise else _pairwise_ref_sequences
         self._per_row = _listwise_rows if args.is_listwise else _pairwise_rows
 
-        # the reference: explicit, adapter-off, a frozen copy, or none
-        if args.needs_reference and ref_model is None and not is_peft_model(model) and not args.precompute_ref_log_probs:
-            ref_model = copy.deepcopy(model)  # full fine-tuning: the reference is the policy as it starts
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
         use_adapter_off = args.needs_reference and ref_model is None and is_peft_model(model)
         if args.needs_reference and ref_model is None and not use_adapter_off and not args.precompute_ref_log_probs:
             raise ValueError("a reference is needed: pass ref_model, a peft_config, or precompute_ref_log_probs=True")
@@ -313,7 +310,7 @@ class DPOTrainer(HfrlhfTrainer):
         else:
             loss, metrics = self._pairwise_loss(policy.seq_logps, policy.seq_lens, ref_seq, inputs, hyper)
         loss = self.guard_loss(loss, model)
-        self.store_metrics(metrics)
+        self.store_metrics(metrics, weight=policy.seq_logps.shape[0])  # a short last batch weighs less
         return (loss, {"metrics": metrics}) if return_outputs else loss
 
     def _pairwise_loss(self, seq_logps, seq_lens, ref_seq, inputs, hyper):

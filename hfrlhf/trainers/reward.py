@@ -41,7 +41,14 @@ from hfrlhf.data.errors import DataError
 from hfrlhf.losses import LossOutput, LossSpec, get_loss
 from hfrlhf.models.loading import ModelArguments, load_reward_model, load_tokenizer, score_head
 from hfrlhf.models.reward_head import reward_model_from_causal_lm, score_completions, sequence_rewards
-from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, attach_peft, disable_dropout, prepare_dataset
+from hfrlhf.trainers.base import (
+    HfrlhfConfig,
+    HfrlhfTrainer,
+    attach_peft,
+    disable_dropout,
+    ensure_pad_token,
+    prepare_dataset,
+)
 
 __all__ = [
     "RewardConfig",
@@ -274,11 +281,7 @@ class RewardTrainer(HfrlhfTrainer):
             if args.eos_token not in processing_class.get_vocab():
                 raise ValueError(f"eos_token {args.eos_token!r} is not in the tokenizer's vocabulary")
             processing_class.eos_token = args.eos_token
-        if processing_class.pad_token_id is None:
-            processing_class.pad_token = processing_class.eos_token
-        config = getattr(model, "config", None)
-        if config is not None and getattr(config, "pad_token_id", None) is None:
-            config.pad_token_id = processing_class.pad_token_id  # for HF's own pooling when users call forward
+        ensure_pad_token(processing_class, model)  # also sets config.pad_token_id for HF's own pooling
 
         if peft_config is not None:
             model = attach_peft(model, _reward_peft_config(peft_config, _head_name(model)), args)
@@ -358,7 +361,7 @@ class RewardTrainer(HfrlhfTrainer):
         rewards = sequence_rewards(model, inputs)  # (S,)
         out, predictions, labels = self._kind_loss[self.data_kind](rewards, inputs)
         loss = self.guard_loss(out.loss, model)
-        self.store_metrics(out.metrics)
+        self.store_metrics(out.metrics, weight=predictions.shape[0])  # pairs / prompts / sequences of this batch
         self._store_num_tokens(inputs)
         if return_outputs:
             return loss, {"rewards": rewards.detach(), "predictions": predictions, "labels": labels}
