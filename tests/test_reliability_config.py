@@ -53,7 +53,7 @@ def test_gradient_checkpointing_reaches_the_model_and_gives_the_same_step(tmp_pa
                              processing_class=tok)
         trainer.remove_callback(PrinterCallback)
         trainer.train()
-        assert trainer.model.is_gradient_checkpointing is flag
+        assert trainer.model.is_activation_checkpointing is flag
         params[flag] = {n: p.detach() for n, p in trainer.model.named_parameters()}
     for name, value in params[False].items():
         torch.testing.assert_close(params[True][name], value, atol=1e-6, rtol=1e-5)
