@@ -195,7 +195,10 @@ def build_trainer(a: argparse.Namespace, callbacks: list | None = None):
     common = dict(output_dir=f"/tmp/hfrlhf-bench-{a.lib}-{a.task}", report_to=[], save_strategy="no",
                   per_device_train_batch_size=batch, max_steps=n_steps, logging_steps=1000, disable_tqdm=True,
                   bf16=bf16, use_cpu=True, gradient_checkpointing=False, seed=a.seed, max_length=a.max_length,
-                  learning_rate=1e-5)
+                  learning_rate=1e-5,
+                  # rows in dataset order: both libraries time the same rows (a random order differs between
+                  # them, and one timed step of a short batch against a long one says nothing)
+                  train_sampling_strategy="sequential")
     callbacks = callbacks or []
     ds = Dataset.from_list(rows)
     if a.lib == "trl":
@@ -260,7 +263,12 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
     peak_start = matmul_rate(precision)
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # model, data, trainer built
-    trained_per_row, token_columns = count_trained_tokens(trainer.train_dataset, a.max_length)
+    # the tokens of the timed steps' rows (sequential order: warm-up rows first); all rows if a library dropped some
+    data = trainer.train_dataset
+    timed = range(a.warmup * batch, (a.warmup + a.steps) * batch)
+    if len(data) == len(rows):
+        data, rows = data.select(timed), [rows[i] for i in timed]
+    trained_per_row, token_columns = count_trained_tokens(data, a.max_length)
     trainer.train()
     peak_end = matmul_rate(precision)
     med = median(timer.times[a.warmup:])
