@@ -17,6 +17,7 @@ import gold_eval as ev  # noqa: E402
 import make_data  # noqa: E402
 import prompts  # noqa: E402
 import run as runner  # noqa: E402
+import sampling  # noqa: E402
 
 pytest.importorskip("vaderSentiment")
 
@@ -102,12 +103,18 @@ def test_kl_on_samples_by_hand_and_against_the_exact_kl():
 
 
 def test_results_table_and_docs_markers(tmp_path):
-    res = {"seed": 3, "reference": {"gold": 0.25, "length": 30.0},
-           "reward_model": {"accuracy": 0.9, "seconds": 12.0},
+    res = {"seed": 3, "reference": {"gold": 0.25, "length": 30.0, "seconds": 40.0}, "seconds": 600.0, "threads": 1,
+           "eval_set": "held-out", "load_average": {"start": 2.0, "end": 3.5}, "workers": [{}, {}],
+           "reward_model": {"accuracy": 0.9, "pairs": 300, "accuracy_best_worst": 0.95, "pairs_best_worst": 60,
+                            "held_out_accuracy": 0.875, "held_out_pairs": 8, "seconds": 12.0},
            "methods": {"dpo": {"label": "DPO", "gold": 0.75, "win_rate": 0.8, "kl": 4.5, "length": 31.0,
-                               "train_seconds": 60.0}}}
+                               "train_seconds": 60.0, "eval_seconds": 30.0}}}
     table = runner.results_table([res])
-    assert "| 3 | DPO | 0.750 | +0.500 | 0.80 | 4.50 | 31.0 | 60 s |" in table
+    assert "| 3 | DPO | 0.750 | +0.500 | 0.80 | 4.50 | 31.0 | 60 s | 30 s |" in table
+    assert "| 3 | reference | 0.250 | 0 | 0.50 | 0 | 30.0 | | 40 s |" in table
+    assert "pair accuracy 0.900 on the 300 validation pairs, 0.950 on their 60 best-against-worst" in table
+    assert "0.875 on 8 held-out pairs" in table
+    assert "10.0 min on the held-out prompts, 2 process(es) of 1 thread(s), load average 2.0" in table
     doc = tmp_path / "a.md"
     doc.write_text(f"intro\n{runner.TABLE_START}\nstale rows\n{runner.TABLE_END}\noutro\n")
     pytest.importorskip("matplotlib")
@@ -130,6 +137,9 @@ def _tiny_experiment(tmp_path: Path) -> runner.Experiment:
     for name, records in data.items():
         make_data.write_jsonl(tmp_path / "data" / f"{name}.jsonl", records)
     make_data.write_jsonl(tmp_path / "data" / "rm_eval_pairwise.jsonl", make_data.build_datasets(groups[12:])["pairwise"])
+    make_data.write_jsonl(tmp_path / "data" / "samples.jsonl",
+                          [{"prompt": p[0]["content"], "split": "train" if i < 12 else "rm_eval", "completions": c,
+                            "scores": g} for i, (p, c, g) in enumerate(groups)])
 
     def reward_model():
         config = build_tiny_llama(tok).config
@@ -153,7 +163,14 @@ def test_tiny_pipeline_runs_every_method_and_reports(tmp_path):
     exp = _tiny_experiment(tmp_path)
     results = runner.run(exp, log=lambda s: None)
     assert set(results["methods"]) == set(runner.METHODS) - {"reward_model"}
-    assert 0.0 <= results["reward_model"]["accuracy"] <= 1.0
+    rm = results["reward_model"]
+    assert 0.0 <= rm["accuracy"] <= 1.0 and rm["pairs"] == 4 * 6  # 4 validation prompts, 6 pairs of different gold each
+    assert rm["pairs_best_worst"] == 4 and rm["data"] == runner.METHODS["reward_model"].data
+    # held-out pairs: (reference, policy) completions of the same prompt with different gold, from every method
+    # (the tiny models' gibberish mostly scores 0, so there may be no such pair here)
+    assert rm["held_out_pairs"] == sum(m["rm_pairs"] for m in results["methods"].values())
+    assert rm["held_out_accuracy"] is None or 0.0 <= rm["held_out_accuracy"] <= 1.0
+    assert all(math.isfinite(m["rm_score"]) for n, m in results["methods"].items())
     for name, m in results["methods"].items():
         assert -1.0 <= m["gold"] <= 1.0 and 0.0 <= m["win_rate"] <= 1.0, name
         assert math.isfinite(m["kl"]) and 1 <= m["length"] <= 6, name
@@ -182,3 +199,64 @@ def test_chat_prompts_get_assistant_turn_completions():
     turn = [{"role": "assistant", "content": "yes"}]
     assert data["pairwise"][0]["chosen"] == turn and data["listwise"][0]["responses"][0] == turn
     assert data["unpaired"][0]["completion"] == turn
+
+
+# --- the development set, settings, workers --------------------------------------------------------------------------
+def test_dev_prompts_are_neither_trained_on_nor_held_out():
+    data_dir = EXPERIMENT / "data"
+    if not (data_dir / "samples.jsonl").exists():
+        pytest.skip("data not generated")
+    dev = runner.dev_prompts(data_dir)
+    assert len(dev) == len(set(dev)) == 60
+    trained = set()
+    for name in ("pairwise", "listwise", "unpaired"):
+        trained |= {r["prompt"][0]["content"] for r in make_data.read_jsonl(data_dir / f"{name}.jsonl")}
+    assert len(trained) == 300 and not set(dev) & trained
+    assert not set(dev) & set(prompts.held_out_prompts())
+    assert all(len(g["completions"]) == len(g["scores"]) == 4 for g in runner.dev_groups(data_dir))
+
+
+def test_pair_accuracy_by_hand():
+    # group 1 (gold 0.9 > 0.0 > -0.5): rewards order (0,1) right, (0,2) right, (2,1) right -> 3/3
+    # group 2: the gold tie (3,4) is no pair; (3,5): gold 0.1 < 0.7, rewards 5 > 4 -> wrong; (4,5): reward tie -> wrong
+    rewards = [0.3, 0.1, 0.2, 5.0, 4.0, 4.0]
+    gold = [0.9, -0.5, 0.0, 0.1, 0.1, 0.7]
+    assert runner.pair_accuracy(rewards, gold, [[0, 1, 2], [3, 4, 5]]) == (3 / 5, 5)
+    acc, n = runner.pair_accuracy([1.0, 2.0], [0.5, 0.5], [[0, 1]])
+    assert n == 0 and math.isnan(acc)
+
+
+def test_set_changes_one_setting_and_rejects_unknown_methods():
+    methods = runner.apply_settings(runner.METHODS, ["dpo.learning_rate=2e-4", "kto.loss_type=apo", "dpo.data=listwise"])
+    assert methods["dpo"].config["learning_rate"] == 2e-4 and methods["dpo"].data == "listwise"
+    assert methods["kto"].config["loss_type"] == "apo"
+    assert runner.METHODS["dpo"].data == "pairwise" and runner.METHODS["dpo"].config["learning_rate"] != 2e-4
+    with pytest.raises(ValueError):
+        runner.apply_settings(runner.METHODS, ["nope.beta=1"])
+
+
+def test_workers_keep_the_reward_model_with_its_users_and_cover_every_method():
+    groups = runner.worker_groups(list(runner.METHODS), 2)
+    assert len(groups) == 2 and sorted(sum(groups, [])) == sorted(runner.METHODS)
+    assert {"reward_model", "ppo_rm", "rloo"} <= set(groups[0])
+    assert groups[0].index("reward_model") < groups[0].index("ppo_rm")
+    assert runner.worker_groups(["dpo"], 2) == [["dpo"]]
+
+
+def test_results_files_skip_worker_parts(tmp_path):
+    for name in ("results_seed0.json", "results_seed1.json", "results_seed0.worker1.json"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in runner.results_files(tmp_path)] == ["results_seed0.json", "results_seed1.json"]
+
+
+def test_sampled_logps_equal_a_second_scoring_pass():
+    """The policy's log-probs taken from generation (what the KL uses) equal a separate teacher-forced pass."""
+    from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(tok, seed=1)
+    settings = runner.GenerationSettings(max_new_tokens=8, temperature=0.7, batch_size=5)
+    s = sampling.sample(model, tok, prompts.held_out_prompts(4), settings, n=2, seed=3)
+    again = sampling.sequence_logps(model, tok, s, temperature=0.7, batch_size=3)
+    assert s.logps.shape == again.shape == (8,)
+    torch.testing.assert_close(s.logps, again, atol=1e-4, rtol=1e-5)

@@ -12,6 +12,7 @@ from hfrlhf.ops.rollout import (
     call_reward_fn,
     compute_advantages,
     generate,
+    generate_with_logprobs,
     make_generation_config,
     reward_model_batch,
     score_with_model,
@@ -64,6 +65,30 @@ def test_generate_then_truncate_on_the_tiny_model(tok):
     for row, n, ended in zip(r.ids.tolist(), r.lengths.tolist(), r.ended.tolist()):
         assert all(t == PAD for t in row[n:])
         assert (row[n - 1] == EOS) == ended and EOS not in row[: n - 1]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_with_logprobs_equals_a_teacher_forced_pass(tok, temperature):
+    # the log-prob of each sampled token read from generation's logits must be the one a separate forward pass
+    # over prompt + response gives: checked row by row on the unpadded sequence, with the model's own logits
+    model = build_tiny_llama(tok, seed=0).eval()
+    prompts = torch.tensor([[PAD, PAD, 5, 6], [PAD, 11, 12, 13], [7, 8, 9, 10]])  # left-padded, pad == eos
+    mask = (torch.arange(4) >= torch.tensor([[2], [1], [0]])).long()
+    config = make_generation_config(max_new_tokens=7, temperature=temperature, top_k=None, top_p=1.0,
+                                    stop_token_ids=[EOS], pad_token_id=PAD)
+    torch.manual_seed(0)
+    raw, logps = generate_with_logprobs(model, prompts, mask, config, temperature)
+    torch.manual_seed(0)
+    assert torch.equal(raw, generate(model, prompts, mask, config))  # the same samples as plain generate
+    r = truncate_at_stop(raw, [EOS], PAD)
+    for b in range(3):
+        prompt = prompts[b][mask[b].bool()]
+        response = r.ids[b, : r.lengths[b]]
+        full = torch.cat([prompt, response]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(full).logits[0, len(prompt) - 1 : -1] / temperature  # predictions of the response
+        expected = torch.log_softmax(logits, -1).gather(1, response.unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(logps[b, : r.lengths[b]], expected, atol=1e-5, rtol=1e-5)
 
 
 # --- 2. the last real token, whatever the padding and with pad == eos -----------------------------------------------

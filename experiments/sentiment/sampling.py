@@ -20,7 +20,7 @@ from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.ops.rollout import (
     Responses,
     RolloutCollator,
-    generate,
+    generate_with_logprobs,
     make_generation_config,
     sequence_batch,
     truncate_at_stop,
@@ -52,6 +52,7 @@ class Samples:
     completions: list[str]
     token_ids: list[list[int]]  # response tokens, stop token included when there is one
     ended: list[bool]
+    logps: torch.Tensor | None = None  # (S,) summed log-probs of each completion's tokens at the temperature
 
 
 def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -70,7 +71,9 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[str], settings: G
     """Sample ``n`` completions for each prompt, ``settings.batch_size`` sequences per ``generate`` call.
 
     The random stream restarts from ``seed`` (and is left as it was afterwards), so the policy and the reference
-    sampled with the same seed see the same noise wherever their distributions agree.
+    sampled with the same seed see the same noise wherever their distributions agree. ``Samples.logps`` holds the
+    sampling model's log-prob of each completion at ``settings.temperature``, read from the logits of the
+    generation itself (what :func:`sequence_logps` would compute with a second pass, up to float rounding).
     """
     was_training = model.training
     model.eval()
@@ -81,25 +84,27 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[str], settings: G
                                     pad_token_id=tokenizer.pad_token_id)
     ids = prompt_ids(tokenizer, prompts)
     rows = [(p, i) for p, i in zip(prompts, ids) for _ in range(n)]
-    completions, tokens, ended = [], [], []
+    completions, tokens, ended, logps = [], [], [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(rows), settings.batch_size):
             chunk = rows[start:start + settings.batch_size]
             batch = collate([{"prompt": p, "prompt_ids": i} for p, i in chunk])
-            out = truncate_at_stop(generate(model, batch["input_ids"], batch["attention_mask"], config),
-                                   stops, tokenizer.pad_token_id)
+            generated, token_logps = generate_with_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                            config, settings.temperature)
+            out = truncate_at_stop(generated, stops, tokenizer.pad_token_id)
+            logps.append((token_logps * out.mask).sum(1))  # (B,) over each completion's real tokens
             for row, length, done in zip(out.ids.tolist(), out.lengths.tolist(), out.ended.tolist()):
                 tokens.append(row[:length])
                 ended.append(bool(done))
             completions += tokenizer.batch_decode([t for t in tokens[-len(chunk):]], skip_special_tokens=True)
     model.train(was_training)
-    return Samples(list(prompts), n, [c.strip() for c in completions], tokens, ended)
+    return Samples(list(prompts), n, [c.strip() for c in completions], tokens, ended, torch.cat(logps))
 
 
 @torch.no_grad()
 def sequence_logps(model: nn.Module, tokenizer: Any, samples: Samples, *, temperature: float = 1.0,
-                   batch_size: int = 25, adapter_off: bool = False) -> torch.Tensor:
+                   batch_size: int = 50, adapter_off: bool = False) -> torch.Tensor:
     """``(S,)`` summed log-probs of each sampled completion's tokens under ``model`` at ``temperature``.
 
     With ``adapter_off`` a peft ``model`` is scored with its adapters disabled (the reference).

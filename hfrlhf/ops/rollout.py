@@ -21,6 +21,7 @@ prompt ``p`` are rows ``p*k .. p*k + k - 1``, which ``repeat_interleave(k)`` on 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -44,9 +45,10 @@ from hfrlhf.ops.logprobs import batch_logprobs, hidden_states
 from hfrlhf.ops.masked import AllReduce, RunningMoments, masked_mean, masked_sum, masked_whiten
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS", "RewardFn", "RewardScorer", "Responses", "RolloutCollator", "call_reward_fn", "compute_advantages", "generate",
-    "make_generation_config", "reference_logps", "reward_model_batch", "score_with_model", "sequence_batch",
-    "shape_scores", "to_grid", "token_kl", "truncate_at_stop", "Rollout", "update_loss",
+    "ADVANTAGE_ESTIMATORS", "RewardFn", "RewardScorer", "Responses", "RolloutCollator", "call_reward_fn",
+    "compute_advantages", "generate", "generate_with_logprobs", "make_generation_config", "reference_logps",
+    "reward_model_batch", "score_with_model", "sequence_batch", "shape_scores", "to_grid", "token_kl",
+    "truncate_at_stop", "Rollout", "update_loss",
 ]
 
 RewardFn = Callable[[list[Any], list[str]], Any]
@@ -125,6 +127,33 @@ def generate(
     """
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
     return out[:, prompt_ids.shape[1]:]
+
+
+@torch.no_grad()
+def generate_with_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    generation_config: GenerationConfig,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`generate`, plus the log-prob of every generated token under ``model`` at ``temperature``.
+
+    Returns ``(B, Tr)`` tokens and ``(B, Tr)`` float32 log-probs ``log softmax(logits / temperature)`` of the
+    token taken at each step, from the raw logits ``generate`` computed anyway (no second forward pass). They
+    match a teacher-forced pass over prompt + response (``batch_logprobs`` on :func:`sequence_batch`) up to
+    float rounding (the cached decode multiplies in another order). Positions after a row's stop token hold
+    log-probs of padding: mask them with the lengths of :func:`truncate_at_stop`.
+    """
+    config = copy.deepcopy(generation_config)
+    config.output_logits, config.return_dict_in_generate = True, True
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    tokens = out.sequences[:, prompt_ids.shape[1]:]  # (B, Tr)
+    logps = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+    for t, step_logits in enumerate(out.logits):  # Tr tensors (B, V), one per generated token
+        step = torch.log_softmax(step_logits.float() / temperature, dim=-1)
+        logps[:, t] = step.gather(1, tokens[:, t:t + 1]).squeeze(1)
+    return tokens, logps
 
 
 def truncate_at_stop(ids: torch.Tensor, stop_token_ids: Sequence[int], pad_token_id: int) -> Responses:
