@@ -260,3 +260,16 @@ def test_sampled_logps_equal_a_second_scoring_pass():
     again = sampling.sequence_logps(model, tok, s, temperature=0.7, batch_size=3)
     assert s.logps.shape == again.shape == (8,)
     torch.testing.assert_close(s.logps, again, atol=1e-4, rtol=1e-5)
+
+
+def test_held_out_pairs_compare_reference_and_policy_completions_of_the_same_prompt(monkeypatch, tmp_path):
+    fake = {"good": 1.0, "great": 2.0, "bad": 0.0, "awful": 0.5}
+    monkeypatch.setattr(runner, "score_texts", lambda rm, tok, prompts, texts: [fake[t] for t in texts])
+    exp = runner.Experiment(eval_prompts=["p1", "p2", "p3"], eval_samples=1, output_dir=tmp_path)
+    reference = {"completions": ["good", "bad", "bad"], "scores": [0.5, -0.2, 0.1]}
+    policy = {"completions": ["great", "bad", "awful"], "scores": [0.9, -0.2, -0.6]}
+    out = runner._held_out_pairs(None, None, exp, reference, policy)
+    # p1: gold 0.9 > 0.5 and reward 2 > 1 (right); p2: gold tie (no pair); p3: gold 0.1 > -0.6 but 0 < 0.5 (wrong)
+    assert (out["rm_pairs"], out["rm_pairs_right"]) == (2, 1)
+    assert out["rm_score"] == pytest.approx((2.0 + 0.0 + 0.5) / 3)
+    assert reference["rm_scores"] == [1.0, 0.0, 0.0]  # the reference is scored once and kept
