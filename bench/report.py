@@ -105,7 +105,8 @@ def main_section(rec: dict) -> tuple[list[str], dict]:
         "",
         f"Each run: {r0['batch']} {'pairs' if r0['task'] != 'kto' else 'completions'} per step (KTO: twice as many "
         f"single completions, the same sequences), `max_length={r0['max_length']}`, one warm-up step then timed "
-        "steps; the table holds medians over runs. Peak RSS is the whole process (model load included); \"of "
+        "steps, rows in dataset order so that both libraries time the same rows (trained tokens are counted on "
+        "those rows); the table holds medians over runs. Peak RSS is the whole process (model load included); \"of "
         "which training\" is the rise of the peak during `train()` (recorded from the second DPO repeat on).",
         "",
     ]
