@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 
@@ -400,7 +401,7 @@ def test_lora_fast_paths_give_the_plain_gradients(tmp_path, tok, data, monkeypat
     base = build_tiny_llama(tok, seed=1).double()
     results = {}
     for name, lay, cap, fused in (("plain", "padded", None, False), ("fast", layout, capacity, True)):
-        monkeypatch.setattr(logprobs, "fused_lora", fused_lora if fused else _NoFusion)
+        monkeypatch.setattr(logprobs, "fused_lora", fused_lora if fused else _no_fusion)
         torch.manual_seed(0)  # the same random (non-zero) adapter weights in both runs
         trainer = DPOTrainer(copy.deepcopy(base), args=_args(tmp_path, layout=lay, max_tokens_per_row=cap),
                              train_dataset=data, processing_class=tok, peft_config=lora)
@@ -418,14 +419,6 @@ def test_lora_fast_paths_give_the_plain_gradients(tmp_path, tok, data, monkeypat
         torch.testing.assert_close(fast[n], g, atol=1e-7, rtol=1e-5, msg=n)
 
 
-class _NoFusion:
-    """Stands in for ``fused_lora``: peft's own LoRA forward everywhere."""
-
-    def __init__(self, model):
-        pass
-
-    def __enter__(self):
-        return 0
-
-    def __exit__(self, *exc):
-        return False
+def _no_fusion(model):
+    """Stands in for ``fused_lora``: peft's own LoRA forward everywhere (no layer fused)."""
+    return contextlib.nullcontext(0)

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 
@@ -131,7 +132,7 @@ def test_lora_fast_paths_give_the_plain_loss_and_gradients(tmp_path, tok, pairs,
     feats = [pairs[i] for i in range(4)]
     results = {}
     for name, layout, cap, fused in (("plain", "padded", None, False), ("fast", "shared_prompt", 256, True)):
-        monkeypatch.setattr(logprobs, "fused_lora", fused_lora if fused else _NoFusion)
+        monkeypatch.setattr(logprobs, "fused_lora", fused_lora if fused else _no_fusion)
         torch.manual_seed(0)  # the same random (non-zero) adapter weights in both runs
         trainer = RewardTrainer(copy.deepcopy(base), args=_args(tmp_path, layout=layout, max_tokens_per_row=cap),
                                 train_dataset=pairs, processing_class=tok, peft_config=lora)
@@ -148,17 +149,9 @@ def test_lora_fast_paths_give_the_plain_loss_and_gradients(tmp_path, tok, pairs,
         torch.testing.assert_close(fast[n], g, atol=1e-7, rtol=1e-5, msg=n)
 
 
-class _NoFusion:
-    """Stands in for ``fused_lora``: peft's own LoRA forward everywhere."""
-
-    def __init__(self, model):
-        pass
-
-    def __enter__(self):
-        return 0
-
-    def __exit__(self, *exc):
-        return False
+def _no_fusion(model):
+    """Stands in for ``fused_lora``: peft's own LoRA forward everywhere (no layer fused)."""
+    return contextlib.nullcontext(0)
 
 
 def test_listwise_layouts_give_the_same_rewards(tok):
