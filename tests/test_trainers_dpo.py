@@ -62,15 +62,9 @@ def test_sigmoid_loss_equals_hand_computation_from_plain_forwards(tmp_path, tok,
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch).item()
 
-    expected = []
-    for row in data:
-        pc = _seq_logp(policy, row["prompt_ids"], row["chosen_ids"])
-        pr = _seq_logp(policy, row["prompt_ids"], row["rejected_ids"])
-        rc = _seq_logp(ref, row["prompt_ids"], row["chosen_ids"])
-        rr = _seq_logp(ref, row["prompt_ids"], row["rejected_ids"])
-        z = 0.3 * ((pc - rc) - (pr - rr))
-        expected.append(math.log1p(math.exp(-z)))  # -log sigmoid(z)
-    assert loss == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+    # -log sigmoid(z), z = beta * ((pc - rc) - (pr - rr)), pair by pair
+    expected = _hand_losses(policy, ref, data, lambda chosen, rejected: math.log1p(math.exp(-0.3 * (chosen - rejected))))
+    assert loss == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
