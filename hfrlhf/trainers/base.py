@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hfrlhf.data.errors import DataError
 from hfrlhf.models.loading import bf16_supported
 
 logger = logging.getLogger(__name__)
@@ -312,7 +314,15 @@ def prepare_policy(
 
 
 class HfrlhfTrainer(Trainer):
-    """A ``transformers.Trainer`` with per-step metric averaging, bf16 autocast and a non-finite loss guard."""
+    """A ``transformers.Trainer`` with per-step metric averaging, bf16 autocast and a non-finite loss guard.
+
+    ``evaluate(eval_dataset=...)`` accepts what the constructor's ``eval_dataset`` accepts: each dataset given
+    there goes through :meth:`prepare_eval_dataset`, which subclasses override to prepare it as ``__init__``
+    does (tokenizing, KL partners, cached reference log-probs).
+    """
+
+    dataset_kinds: tuple[str, ...] = ()
+    """Record kinds the default :meth:`prepare_eval_dataset` converts rows to (``prepare_dataset``'s ``kinds``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -366,8 +376,9 @@ class HfrlhfTrainer(Trainer):
             if v:
                 averaged[k] = sum(x * y for x, y in zip(v, w)) / sum(w)
         if mode == "eval":
+            prefix = getattr(self, "_eval_prefix", "eval")
             for key, value in averaged.items():
-                logs.setdefault(f"eval_{key}", value)
+                logs.setdefault(f"{prefix}_{key}", value)
         else:
             if self.nonfinite_skipped:
                 averaged["nonfinite_skipped"] = float(self.nonfinite_skipped)
@@ -472,6 +483,65 @@ class HfrlhfTrainer(Trainer):
                     "and overwrites those of the same step; pass resume_from_checkpoint=True to continue instead, "
                     "or use an empty output_dir", self.args.output_dir, ", ".join(old))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+    def prepare_eval_dataset(self, data: Any, name: str = "eval_dataset") -> Dataset:
+        """Load, validate and tokenize one dataset given to :meth:`evaluate`, as ``__init__`` prepares
+        ``eval_dataset``. The default converts rows to :attr:`dataset_kinds`; without them only already
+        tokenized datasets are taken."""
+        if self.dataset_kinds:
+            return prepare_dataset(data, self.processing_class, self.args, kinds=self.dataset_kinds, name=name)
+        if isinstance(data, Dataset) and "prompt_ids" in data.column_names:
+            return data
+        raise TypeError(
+            f"{type(self).__name__} cannot prepare a {type(data).__name__} given to evaluate(): pass it as "
+            "eval_dataset to the constructor, or pass tokenized records"
+        )
+
+    def _names_eval_dataset(self, data: Any) -> bool:
+        """True when ``data`` is the name of one of the constructor's eval datasets (a string that is not a key
+        of a dict ``eval_dataset`` is read as a path)."""
+        return isinstance(data, str) and isinstance(self.eval_dataset, Mapping) and data in self.eval_dataset
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """``Trainer.evaluate``; ``eval_dataset`` takes what the constructor takes: rows in any schema
+        ``hfrlhf.data.load`` reads (a list of dicts, a ``datasets.Dataset``, a path), tokenized records, or a dict
+        of them, evaluated one by one with metrics prefixed ``{metric_key_prefix}_{name}_``. A string that names
+        one of the constructor's eval datasets selects it."""
+        if eval_dataset is None or self._names_eval_dataset(eval_dataset):
+            if eval_dataset is not None or not isinstance(self.eval_dataset, Mapping):
+                return self._evaluate_one(eval_dataset, ignore_keys, metric_key_prefix)
+            datasets = {name: name for name in self.eval_dataset}  # already prepared: pass their names
+        elif isinstance(eval_dataset, Mapping):
+            # prepare (and so validate) every dataset before evaluating any; a bad row's error names its dataset
+            datasets = {}
+            for name, data in eval_dataset.items():
+                label = f"eval_dataset[{name!r}]"
+                try:
+                    datasets[name] = self.prepare_eval_dataset(data, label)
+                except DataError as err:
+                    err.source = f"{label}: {err.source}" if err.source else label
+                    raise
+        else:
+            return self._evaluate_one(self.prepare_eval_dataset(eval_dataset), ignore_keys, metric_key_prefix)
+        metrics: dict[str, float] = {}
+        for name, data in datasets.items():
+            metrics.update(self._evaluate_one(data, ignore_keys, f"{metric_key_prefix}_{name}"))
+        return metrics
+
+    def _evaluate_one(self, eval_dataset: Dataset | str | None, ignore_keys: list[str] | None,
+                      metric_key_prefix: str) -> dict[str, float]:
+        """Evaluate one prepared dataset (or the constructor's, by name or None)."""
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        """``Trainer.evaluation_loop``, remembering ``metric_key_prefix`` so that ``log()`` names the stored
+        metrics of a named eval dataset ``eval_{name}_{metric}`` like the loss."""
+        self._eval_prefix = metric_key_prefix
+        return super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                       ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the training loss (and stores eval metrics); there are no logits to return."""
