@@ -166,9 +166,13 @@ def test_a_dict_of_datasets_gives_prefixed_metrics(tmp_path, tok, case):
         for key, value in _values(build(eval_dataset=data).evaluate()).items():
             expected[key.replace("eval_", f"eval_{name}_", 1)] = value
     _same(_values(build().evaluate(eval_dataset={"all": rows, "small": small})), expected)
+    # the same dict given to the constructor
+    _same(_values(build(eval_dataset={"all": rows, "small": small}).evaluate()), expected)
     # every dataset of the dict is checked before any is evaluated; the error names the dataset
-    with pytest.raises(DataError, match=r"eval_dataset\['bad'\]"):
+    with pytest.raises(DataError, match=r"eval_dataset\['bad'\]: rows: row"):
         build().evaluate(eval_dataset={"all": rows, "bad": [*rows, bad]})
+    with pytest.raises(DataError, match=r"eval_dataset\['bad'\]: rows: row"):
+        build(eval_dataset={"all": rows, "bad": [*rows, bad]})
 
 
 @pytest.mark.skipif(not _prepares_at_evaluate(DPOTrainer), reason="DPOTrainer does not prepare datasets given to evaluate()")

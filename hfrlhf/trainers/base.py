@@ -12,7 +12,7 @@ import os
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,6 +225,23 @@ def prepare_dataset(
             f"max_length={args.max_length}; raise max_length or set max_prompt_length"
         )
     return tokenized
+
+
+def prepare_eval_datasets(data: Any, prepare: Callable[[Any, str], Any], name: str = "eval_dataset") -> Any:
+    """``prepare(data, name)``; for a dict of named datasets (as ``transformers.Trainer`` takes for
+    ``eval_dataset``) a dict of each one prepared, every one before any is used, and a bad row's error names
+    its dataset (``eval_dataset['held_out']: rows: row 5, ...``)."""
+    if data is None or not isinstance(data, Mapping):
+        return None if data is None else prepare(data, name)
+    out = {}
+    for key, value in data.items():
+        label = f"{name}[{key!r}]"
+        try:
+            out[key] = prepare(value, label)
+        except DataError as err:
+            err.source = f"{label}: {err.source}" if err.source else label
+            raise
+    return out
 
 
 def attach_peft(model: PreTrainedModel, peft_config: Any, args: HfrlhfConfig) -> nn.Module:
@@ -513,16 +530,8 @@ class HfrlhfTrainer(Trainer):
             if eval_dataset is not None or not isinstance(self.eval_dataset, Mapping):
                 return self._evaluate_one(eval_dataset, ignore_keys, metric_key_prefix)
             datasets = {name: name for name in self.eval_dataset}  # already prepared: pass their names
-        elif isinstance(eval_dataset, Mapping):
-            # prepare (and so validate) every dataset before evaluating any; a bad row's error names its dataset
-            datasets = {}
-            for name, data in eval_dataset.items():
-                label = f"eval_dataset[{name!r}]"
-                try:
-                    datasets[name] = self.prepare_eval_dataset(data, label)
-                except DataError as err:
-                    err.source = f"{label}: {err.source}" if err.source else label
-                    raise
+        elif isinstance(eval_dataset, Mapping):  # every dataset prepared (and so validated) before any is evaluated
+            datasets = prepare_eval_datasets(eval_dataset, self.prepare_eval_dataset)
         else:
             return self._evaluate_one(self.prepare_eval_dataset(eval_dataset), ignore_keys, metric_key_prefix)
         metrics: dict[str, float] = {}
