@@ -112,16 +112,29 @@ def _rows_from_sequences(batch: dict[str, torch.Tensor], seq: torch.Tensor, n: i
     return seq.view(-1, b).T.tolist()  # (B, 1 or 2): the row's completion, then its KL partner
 
 
-def _sequences(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
-    """Sequences ``lo..hi-1`` of a batch with one sequence per row (padded layout) as a batch of their own."""
+def _kl_first_row(batch: dict[str, torch.Tensor], b: int) -> int | None:
+    """First row of the KL half when sequences ``B..2B-1`` sit in rows after those of ``0..B-1`` (every layout
+    :class:`KTOCollator` builds), else ``None`` (one forward for both halves)."""
+    rows = batch["last_index"] // batch["input_ids"].shape[1]  # (S,) the row of each sequence
+    first = int(rows[b:].min())
+    return first if int(rows[:b].max()) < first else None
+
+
+def _sequences(batch: dict[str, torch.Tensor], lo: int, hi: int, r0: int, r1: int) -> dict[str, torch.Tensor]:
+    """Sequences ``lo..hi-1``, which fill rows ``r0..r1-1`` of the batch, as a batch of their own."""
     width = batch["input_ids"].shape[1]
     seq = batch["target_seq"]
     keep = (seq >= lo) & (seq < hi)
-    out = {k: batch[k][lo:hi] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    out["pred_index"] = batch["pred_index"][keep] - lo * width
-    out["target_index"] = batch["target_index"][keep] - lo * width
+    out = {k: batch[k][r0:r1] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out["pred_index"] = batch["pred_index"][keep] - r0 * width
+    out["target_index"] = batch["target_index"][keep] - r0 * width
     out["target_seq"] = seq[keep] - lo
-    out["last_index"] = batch["last_index"][lo:hi] - lo * width
+    out["last_index"] = batch["last_index"][lo:hi] - r0 * width
+    if "attention_blocks" in batch:  # (K, 5): row, then columns
+        blocks = batch["attention_blocks"]
+        blocks = blocks[(blocks[:, 0] >= r0) & (blocks[:, 0] < r1)].clone()
+        blocks[:, 0] -= r0
+        out["attention_blocks"] = blocks
     return out
 
 
@@ -265,16 +278,18 @@ class KTOTrainer(HfrlhfTrainer):
     def _policy_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor], b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B,)`` log-probs of the batch's completions (with grad) and ``(B,)`` of its KL pairs (without)."""
         chunk = self.args.logprob_chunk_size
-        one_per_row = inputs["attention_mask"].dim() == 2 and inputs["input_ids"].shape[0] == inputs["last_index"].shape[0]
         if not self.uses_kl:
             return batch_logprobs(model, inputs, chunk_size=chunk).seq_logps, torch.zeros(0)
-        if one_per_row:  # padded: the KL half runs without grad, as the paper's z_0 takes none
-            logps = batch_logprobs(model, _sequences(inputs, 0, b), chunk_size=chunk).seq_logps
-            with torch.no_grad():
-                kl_logps = batch_logprobs(model, _sequences(inputs, b, 2 * b), chunk_size=chunk).seq_logps
-            return logps, kl_logps
-        logps = batch_logprobs(model, inputs, chunk_size=chunk).seq_logps  # packed / shared_prompt: one forward
-        return logps[:b], logps[b:].detach()
+        first = _kl_first_row(inputs, b)
+        if first is None:  # a collator that mixes the halves in rows: one forward, the KL half detached
+            logps = batch_logprobs(model, inputs, chunk_size=chunk).seq_logps
+            return logps[:b], logps[b:].detach()
+        # the KL half in its own forward without grad, as the paper's z_0 takes none: backward never walks it
+        rows = inputs["input_ids"].shape[0]
+        logps = batch_logprobs(model, _sequences(inputs, 0, b, 0, first), chunk_size=chunk).seq_logps
+        with torch.no_grad():
+            kl_logps = batch_logprobs(model, _sequences(inputs, b, 2 * b, first, rows), chunk_size=chunk).seq_logps
+        return logps, kl_logps
 
     def _all_pairs(self, log_ratio: torch.Tensor) -> torch.Tensor:
         """Every process's KL-pair log-ratios (processes may hold different numbers of pairs)."""

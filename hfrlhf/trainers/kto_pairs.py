@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from hfrlhf.data.collators import Segment, UnpairedCollator
+from hfrlhf.data.collators import Segment, UnpairedCollator, build_batch
 from hfrlhf.trainers.reference import REF_COLUMN
 
 __all__ = ["KL_COLUMN", "KTOCollator", "add_kl_partners"]
@@ -121,15 +121,51 @@ class KTOCollator(UnpairedCollator):
         if not self.kl_pairs:
             return super().__call__(features)
         use_rows = self.kl_source == "row" or len(features) == 1 or REF_COLUMN in features[0]
+        if use_rows and KL_COLUMN not in features[0]:
+            raise ValueError(f"rows need a {KL_COLUMN!r} column here: add it with add_kl_partners(dataset)")
         if not use_rows:
             keys = [tuple(f["prompt_ids"]) for f in features]
-            return super().__call__([features[i] for i in _mismatched_order(keys)])
-        if KL_COLUMN not in features[0]:
-            raise ValueError(f"rows need a {KL_COLUMN!r} column here: add it with add_kl_partners(dataset)")
+            features = [features[i] for i in _mismatched_order(keys)]
         n = len(features)
         prompts = [list(f["prompt_ids"]) for f in features]
-        sequences = [[Segment(p, False), Segment(list(f["completion_ids"]), True)] for p, f in zip(prompts, features)]
-        sequences += [[Segment(p, False), Segment(list(f[KL_COLUMN]), True)] for p, f in zip(prompts, features)]
-        batch = self._build(sequences, groups=list(range(n)) * 2)
+        completions = [list(f["completion_ids"]) for f in features]
+        partners = [list(f[KL_COLUMN]) for f in features] if use_rows else completions[1:] + completions[:1]
+        sequences = [[Segment(p, False), Segment(c, True)] for p, c in zip(prompts, completions)]
+        sequences += [[Segment(p, False), Segment(c, True)] for p, c in zip(prompts, partners)]
+        batch = self._build(sequences, groups=list(range(n)) * 2) if self.layout == "padded" else self._halves(sequences)
         batch["labels"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)
         return batch
+
+    def _halves(self, sequences: Sequence[Sequence[Segment]]) -> dict[str, torch.Tensor]:
+        """Packed / shared_prompt: the ``B`` completions and the ``B`` KL pairs laid out in rows of their own.
+
+        The KL half then runs in a separate forward without grad (as in the padded layout), so backward never
+        walks its activations. Within a half, ``shared_prompt`` lays out each distinct prompt once with all of
+        its sequences. Rows ``0..R1-1`` hold sequences ``0..B-1``, rows ``R1..R-1`` sequences ``B..2B-1``.
+        """
+        n = len(sequences) // 2
+        halves = [sequences[:n], sequences[n:]]
+        groups = [_prompt_groups(h) for h in halves]
+        parts = [self._build(h, groups=g) for h, g in zip(halves, groups)]
+        width = max(p["input_ids"].shape[1] for p in parts)
+        for k, (h, g) in enumerate(zip(halves, groups)):  # one width for both halves: rebuild the narrower one
+            if parts[k]["input_ids"].shape[1] != width:
+                capacity = self.max_tokens_per_row or (width if self.layout == "packed" else None)
+                parts[k] = build_batch(h, self.pad_token_id, layout=self.layout, groups=g, pad_to_multiple_of=width,
+                                       max_tokens_per_row=capacity, mask_dtype=self.mask_dtype)
+        main, kl = parts
+        shift = main["input_ids"].shape[0] * width  # flat offset of the KL half's first row
+        out = {k: torch.cat([main[k], kl[k]]) for k in ("input_ids", "attention_mask", "position_ids")}
+        for k in ("pred_index", "target_index", "last_index"):
+            out[k] = torch.cat([main[k], kl[k] + shift])
+        out["target_seq"] = torch.cat([main["target_seq"], kl["target_seq"] + n])
+        blocks = kl["attention_blocks"].clone()
+        blocks[:, 0] += main["input_ids"].shape[0]
+        out["attention_blocks"] = torch.cat([main["attention_blocks"], blocks])
+        return out
+
+
+def _prompt_groups(sequences: Sequence[Sequence[Segment]]) -> list[int]:
+    """Group number of each sequence: sequences with the same prompt (first segment) share one."""
+    ids: dict[tuple[int, ...], int] = {}
+    return [ids.setdefault(tuple(s[0].ids), len(ids)) for s in sequences]
