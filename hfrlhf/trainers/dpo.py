@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -31,8 +32,20 @@ from hfrlhf.losses import get_loss
 from hfrlhf.losses.listwise import ListLogps
 from hfrlhf.losses.preference import F_DIVERGENCES, PairLogps, chosen_nll
 from hfrlhf.ops.logprobs import batch_logprobs
-from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, prepare_dataset, prepare_policy
-from hfrlhf.trainers.reference import Reference, WithReferenceColumn, is_peft_model, precompute_reference
+from hfrlhf.trainers.base import (
+    HfrlhfConfig,
+    HfrlhfTrainer,
+    prepare_dataset,
+    prepare_eval_datasets,
+    prepare_policy,
+)
+from hfrlhf.trainers.reference import (
+    REF_COLUMN,
+    Reference,
+    WithReferenceColumn,
+    is_peft_model,
+    precompute_reference,
+)
 
 __all__ = ["DPOConfig", "DPOTrainer"]
 
@@ -239,8 +252,8 @@ class DPOTrainer(HfrlhfTrainer):
         kinds = ("listwise",) if args.is_listwise else ("pairwise",)
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, processing_class, args, kinds=kinds)
-        if eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, processing_class, args, kinds=kinds, name="eval_dataset")
+        eval_dataset = prepare_eval_datasets(  # one dataset, or a dict of named ones
+            eval_dataset, lambda data, name: prepare_dataset(data, processing_class, args, kinds=kinds, name=name))
 
         layout_cls = ListwiseCollator if args.is_listwise else PairwiseCollator
         base_collator = data_collator or layout_cls(processing_class.pad_token_id, layout=args.layout,
@@ -273,8 +286,26 @@ class DPOTrainer(HfrlhfTrainer):
         )
         if args.needs_reference and args.precompute_ref_log_probs:
             self.train_dataset = self._precompute(self.train_dataset)
-            if self.eval_dataset is not None:
-                self.eval_dataset = self._precompute(self.eval_dataset)
+            self.eval_dataset = prepare_eval_datasets(self.eval_dataset, lambda data, _: self._precompute(data))
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    @property
+    def dataset_kinds(self) -> tuple[str, ...]:
+        return ("listwise",) if self.args.is_listwise else ("pairwise",)
+
+    def prepare_eval_dataset(self, data: Any, name: str = "eval_dataset") -> Dataset:
+        """As ``__init__`` prepares ``eval_dataset``: tokenized and, with ``precompute_ref_log_probs``, with the
+        reference log-probs computed (or read from the cache) for these rows."""
+        data = super().prepare_eval_dataset(data, name)
+        if self.args.needs_reference and self.args.precompute_ref_log_probs:
+            if not self.reference.needs_model and REF_COLUMN not in data.column_names and self.state.global_step > 0:
+                raise ValueError(
+                    f"{name}: its reference log-probs cannot be computed after training without a reference model "
+                    "(the reference was the policy before training); pass these rows as eval_dataset to the "
+                    "constructor, or pass ref_model"
+                )
+            data = self._precompute(data)
+        return data
 
     # --- reference cache -----------------------------------------------------------------------------------
     def _precompute(self, dataset):

@@ -69,6 +69,7 @@ from hfrlhf.trainers.base import (
     disable_dropout,
     ensure_pad_token,
     prepare_dataset,
+    prepare_eval_datasets,
 )
 from hfrlhf.trainers.reference import is_peft_model
 
@@ -258,7 +259,8 @@ class PPOTrainer(HfrlhfTrainer):
         actor_critic = ActorCritic(model, critic=critic, value_head=head, critic_adapter=critic_adapter,
                                    temperature=args.temperature, chunk_size=args.logprob_chunk_size)
         train_dataset = _prompt_dataset(train_dataset, processing_class, args, "train_dataset")
-        eval_dataset = _prompt_dataset(eval_dataset, processing_class, args, "eval_dataset")
+        eval_dataset = prepare_eval_datasets(  # one dataset, or a dict of named ones
+            eval_dataset, lambda data, name: _prompt_dataset(data, processing_class, args, name))
         super().__init__(model=actor_critic, args=args, data_collator=data_collator or RolloutCollator(processing_class),
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers, **kwargs)
@@ -468,8 +470,13 @@ class PPOTrainer(HfrlhfTrainer):
                                       start_time, learning_rate=lr)
 
     # --- evaluation: sample on eval prompts with a fixed seed, report the scores ------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Mean score, length and EOS rate of one sampled response per eval prompt.
+    def prepare_eval_dataset(self, data: Any, name: str = "eval_dataset") -> Dataset:
+        """Prompts given to ``evaluate()`` are loaded and tokenized like ``eval_dataset``."""
+        return _prompt_dataset(data, self.processing_class, self.args, name)
+
+    def _evaluate_one(self, eval_dataset: Any, ignore_keys: list[str] | None, metric_key_prefix: str) -> dict[str, float]:
+        """Mean score, length and EOS rate of one sampled response per eval prompt (``evaluate()`` prepares the
+        prompts and calls this once per dataset).
 
         Sampling restarts from ``args.seed`` on every call (the training random stream is left untouched), so
         two evaluations differ only through the policy: a low-variance before/after comparison.

@@ -48,6 +48,7 @@ from hfrlhf.trainers.base import (
     disable_dropout,
     ensure_pad_token,
     prepare_dataset,
+    prepare_eval_datasets,
 )
 
 __all__ = [
@@ -296,11 +297,8 @@ class RewardTrainer(HfrlhfTrainer):
         self._kind_loss = {"pairwise": self._pairwise, "listwise": self._listwise, "pointwise": self._pointwise}
 
         train_dataset = self._prepare(train_dataset, processing_class, args, "train_dataset")
-        if isinstance(eval_dataset, Mapping):
-            eval_dataset = {k: self._prepare(v, processing_class, args, f"eval_dataset[{k!r}]")
-                            for k, v in eval_dataset.items()}
-        else:
-            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval_dataset")
+        eval_dataset = prepare_eval_datasets(  # one dataset, or a dict of named ones
+            eval_dataset, lambda data, name: self._prepare(data, processing_class, args, name))
         if data_collator is None:
             collator_cls = _KINDS[self.data_kind][0]
             data_collator = _WithTokenCount(collator_cls(processing_class.pad_token_id, layout=args.layout,
@@ -349,12 +347,9 @@ class RewardTrainer(HfrlhfTrainer):
                 f"({_KINDS[self.data_kind][1]}), but got {kind or 'other'} data, which does not convert to "
                 f"{self.data_kind}{hint}")
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
-        """As ``Trainer.evaluate``; a dataset given here is loaded and tokenized like ``eval_dataset``."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, "eval_dataset")
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+    def prepare_eval_dataset(self, data: Any, name: str = "eval_dataset") -> Any:
+        """A dataset given to ``evaluate()`` is loaded and tokenized like ``eval_dataset``."""
+        return self._prepare(data, self.processing_class, self.args, name)
 
     # --- loss ---------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

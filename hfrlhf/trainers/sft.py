@@ -31,7 +31,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfrlhf.data.collators import SFTCollator
 from hfrlhf.ops.logprobs import batch_logprobs
-from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, prepare_dataset, prepare_policy
+from hfrlhf.trainers.base import (
+    HfrlhfConfig,
+    HfrlhfTrainer,
+    prepare_dataset,
+    prepare_eval_datasets,
+    prepare_policy,
+)
 
 __all__ = ["SFTConfig", "SFTTrainer", "WholeSequenceCollator"]
 
@@ -95,6 +101,7 @@ class SFTTrainer(HfrlhfTrainer):
     """
 
     _tag_names = ["hfrlhf", "sft"]
+    dataset_kinds = ("sft",)  # datasets given to evaluate() are prepared like eval_dataset
 
     def __init__(
         self,
@@ -114,8 +121,8 @@ class SFTTrainer(HfrlhfTrainer):
         model, processing_class, _ = prepare_policy(model, processing_class, args, peft_config)
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, processing_class, args, kinds=("sft",))
-        if eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, processing_class, args, kinds=("sft",), name="eval_dataset")
+        eval_dataset = prepare_eval_datasets(  # one dataset, or a dict of named ones
+            eval_dataset, lambda data, name: prepare_dataset(data, processing_class, args, kinds=("sft",), name=name))
         collator_cls = SFTCollator if args.completion_only_loss else WholeSequenceCollator
         data_collator = data_collator or collator_cls(processing_class.pad_token_id, layout=args.layout)
         super().__init__(
