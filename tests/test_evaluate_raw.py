@@ -108,12 +108,6 @@ def _ppo(tok, tmp_path):
     return build
 
 
-def _prepares_at_evaluate(trainer_cls) -> bool:
-    """True when the trainer prepares datasets given to evaluate() itself (``dataset_kinds`` or its own
-    ``prepare_eval_dataset``); a trainer without either only takes tokenized records there."""
-    return bool(trainer_cls.dataset_kinds) or trainer_cls.prepare_eval_dataset is not HfrlhfTrainer.prepare_eval_dataset
-
-
 CASES = {
     "dpo": (lambda tok, tmp: _dpo(tok, tmp), PAIRS, BAD_PAIR, "chosen"),
     "dpo_precomputed": (lambda tok, tmp: _dpo(tok, tmp, precompute_ref_log_probs=True), PAIRS, BAD_PAIR, "chosen"),
@@ -124,11 +118,7 @@ CASES = {
     "sft": (_sft, SFT_ROWS, {"prompt": "Hi", "completion": None}, "completion"),
     "ppo": (_ppo, PROMPTS, {"prompt": None}, "prompt"),
 }
-TRAINERS = {"dpo": DPOTrainer, "kto": KTOTrainer, "reward": RewardTrainer, "sft": SFTTrainer, "ppo": PPOTrainer}
-PARAMS = [pytest.param(case, marks=pytest.mark.skipif(
-    not _prepares_at_evaluate(TRAINERS[case.split("_")[0]]),
-    reason=f"{TRAINERS[case.split('_')[0]].__name__} does not prepare datasets given to evaluate()"))
-    for case in sorted(CASES)]
+PARAMS = sorted(CASES)
 
 
 @pytest.mark.parametrize("case", PARAMS)
@@ -175,7 +165,6 @@ def test_a_dict_of_datasets_gives_prefixed_metrics(tmp_path, tok, case):
         build(eval_dataset={"all": rows, "bad": [*rows, bad]})
 
 
-@pytest.mark.skipif(not _prepares_at_evaluate(DPOTrainer), reason="DPOTrainer does not prepare datasets given to evaluate()")
 def test_precomputed_reference_after_training_without_a_reference_model_is_refused(tmp_path, tok):
     trainer = _dpo(tok, tmp_path, precompute_ref_log_probs=True)()
     trainer.train()
@@ -183,7 +172,6 @@ def test_precomputed_reference_after_training_without_a_reference_model_is_refus
         trainer.evaluate(eval_dataset=PAIRS[:2])
 
 
-@pytest.mark.skipif(not _prepares_at_evaluate(DPOTrainer), reason="DPOTrainer does not prepare datasets given to evaluate()")
 def test_precomputed_reference_at_evaluate_uses_the_reference_model(tmp_path, tok):
     """With an explicit reference, rows given after training get the reference's log-probs, not the policy's."""
     def build(eval_dataset=None):

@@ -285,7 +285,7 @@ def test_metrics_are_summed_then_divided_over_micro_batches(tmp_path, tok, data)
 
 
 _DDP_SCRIPT = textwrap.dedent('''
-    import json, sys, torch
+    import json, pathlib, sys, torch
     from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
     from hfrlhf.trainers.kto import KTOConfig, KTOTrainer
 
@@ -312,13 +312,15 @@ _DDP_SCRIPT = textwrap.dedent('''
     rank = trainer.accelerator.process_index
     kls = trainer.accelerator.gather(torch.tensor(trainer.kls)[None])
     params = trainer.accelerator.gather(flat[None])
+    # one file per process: two processes printing to one stdout can interleave their lines
+    out = pathlib.Path(sys.argv[1])
     if rank == 0:
-        print("RESULT", json.dumps({
+        (out / "result.json").write_text(json.dumps({
             "kl_same": bool((kls[0] == kls[1]).all()),
             "params_same": bool(torch.equal(params[0], params[1])),
             "logs": [h for h in trainer.state.log_history if "loss" in h],
         }))
-    print("SEEN", rank, json.dumps(trainer.seen))
+    (out / f"seen{rank}.json").write_text(json.dumps(trainer.seen))
 ''')
 
 
@@ -339,14 +341,9 @@ def test_two_processes_one_without_undesirable_examples(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    seen = {}
-    result = None
-    for line in proc.stdout.splitlines():
-        if line.startswith("SEEN"):
-            _, rank, payload = line.split(" ", 2)
-            seen[int(rank)] = json.loads(payload)
-        elif line.startswith("RESULT"):
-            result = json.loads(line.split(" ", 1)[1])
+    out = tmp_path / "out"
+    seen = {rank: json.loads((out / f"seen{rank}.json").read_text()) for rank in (0, 1)}
+    result = json.loads((out / "result.json").read_text())
     assert seen[1] == [[True, True], [True, True]]  # process 1 never saw an undesirable example
     assert any(False in step for step in seen[0])
     assert result["kl_same"] and result["params_same"]

@@ -49,9 +49,16 @@ from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.losses import get_loss
 from hfrlhf.losses.kto import SUM_METRICS, desirable_undesirable_warning, kto_log_metrics, kto_reference_point
 from hfrlhf.ops.logprobs import batch_logprobs
-from hfrlhf.trainers.base import HfrlhfConfig, HfrlhfTrainer, prepare_dataset, prepare_policy
+from hfrlhf.trainers.base import (
+    HfrlhfConfig,
+    HfrlhfTrainer,
+    prepare_dataset,
+    prepare_eval_datasets,
+    prepare_policy,
+)
 from hfrlhf.trainers.kto_pairs import KL_COLUMN, KTOCollator, add_kl_partners
 from hfrlhf.trainers.reference import (
+    REF_COLUMN,
     Reference,
     WithReferenceColumn,
     is_peft_model,
@@ -194,8 +201,8 @@ class KTOTrainer(HfrlhfTrainer):
         if train_dataset is not None:
             train_dataset = self._prepare(train_dataset, processing_class, args, "train_dataset")
             self._warn_on_balance(train_dataset, args)
-        if eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval_dataset")
+        eval_dataset = prepare_eval_datasets(  # one dataset, or a dict of named ones
+            eval_dataset, lambda data, name: self._prepare(data, processing_class, args, name))
 
         collator_kw = dict(layout=args.layout, kl_pairs=self.uses_kl, pad_to_multiple_of=args.pad_to_multiple_of)
         base_collator = data_collator or KTOCollator(processing_class.pad_token_id, **collator_kw)
@@ -223,7 +230,7 @@ class KTOTrainer(HfrlhfTrainer):
         )
         if args.precompute_ref_log_probs:
             self.train_dataset = self._precompute(self.train_dataset)
-            self.eval_dataset = self._precompute(self.eval_dataset)
+            self.eval_dataset = prepare_eval_datasets(self.eval_dataset, lambda data, _: self._precompute(data))
 
     # --- data ------------------------------------------------------------------------------------------------
     def _prepare(self, data: Any, tokenizer: PreTrainedTokenizerBase, args: KTOConfig, name: str) -> Dataset:
@@ -239,6 +246,20 @@ class KTOTrainer(HfrlhfTrainer):
                                    kinds=("unpaired",), name=name)
         if self.uses_kl:
             data = add_kl_partners(data, seed=args.seed, max_length=args.max_length)
+        return data
+
+    def prepare_eval_dataset(self, data: Any, name: str = "eval_dataset") -> Dataset:
+        """As ``__init__`` prepares ``eval_dataset``: unpaired, tokenized, with KL partners when the loss uses
+        them and, with ``precompute_ref_log_probs``, the reference log-probs of these rows."""
+        data = self._prepare(data, self.processing_class, self.args, name)
+        if self.args.precompute_ref_log_probs:
+            if not self.reference.needs_model and REF_COLUMN not in data.column_names and self.state.global_step > 0:
+                raise ValueError(
+                    f"{name}: its reference log-probs cannot be computed after training without a reference model "
+                    "(the reference was the policy before training); pass these rows as eval_dataset to the "
+                    "constructor, or pass ref_model"
+                )
+            data = self._precompute(data)
         return data
 
     @staticmethod
