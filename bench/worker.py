@@ -226,7 +226,7 @@ def build_trainer(a: argparse.Namespace, callbacks: list | None = None):
             trainer = T.DPOTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                                    callbacks=callbacks)
         elif a.task == "kto":
-            cfg = T.KTOConfig(**common, layout=a.layout if a.layout != "shared_prompt" else "padded",
+            cfg = T.KTOConfig(**common, layout=a.layout,
                               precompute_ref_log_probs=a.precompute_ref)
             trainer = T.KTOTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                                    callbacks=callbacks)
