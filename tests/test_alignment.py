@@ -273,3 +273,34 @@ def test_held_out_pairs_compare_reference_and_policy_completions_of_the_same_pro
     assert (out["rm_pairs"], out["rm_pairs_right"]) == (2, 1)
     assert out["rm_score"] == pytest.approx((2.0 + 0.0 + 0.5) / 3)
     assert reference["rm_scores"] == [1.0, 0.0, 0.0]  # the reference is scored once and kept
+
+
+def test_kl_coef_is_priced_in_gold_units_for_the_learned_reward(monkeypatch, tmp_path):
+    """PPO on the learned reward gets kl_coef * reward_scale; PPO on the gold reward gets kl_coef as written."""
+    import hfrlhf.trainers as trainers
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_ppo(args, *a, **k):
+        seen["kl_coef"] = args.kl_coef
+        raise Stop
+
+    monkeypatch.setattr(trainers, "PPOTrainer", fake_ppo)
+    exp = _tiny_experiment(tmp_path)
+    exp.reward_scale = 2.5
+    for name, expected in (("ppo_rm", 2.5 * exp.methods["ppo_rm"].config["kl_coef"]),
+                           ("rloo", 2.5 * exp.methods["rloo"].config["kl_coef"]),
+                           ("ppo_gold", exp.methods["ppo_gold"].config["kl_coef"])):
+        with pytest.raises(Stop):
+            runner.train_policy(exp, name, exp.methods[name], reward_model=object())
+        assert seen["kl_coef"] == pytest.approx(expected), name
+
+
+def test_reward_scale_is_the_ratio_of_spreads():
+    gold = [0.1, -0.4, 0.9, 0.3]
+    learned = [3 * g + 7 for g in gold]  # any affine map with slope 3
+    assert runner.reward_scale(learned, gold) == pytest.approx(3.0)
+    assert runner.reward_scale([1.0, 2.0], [0.5, 0.5]) == 1.0  # no gold spread: left as written

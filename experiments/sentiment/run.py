@@ -53,18 +53,19 @@ class Method:
 COMMON: dict[str, Any] = {"lr_scheduler_type": "constant", "logging_steps": 5, "save_strategy": "no",
                           "report_to": [], "disable_tqdm": True, "max_length": 128}
 # Every setting below was chosen on the development prompts (``--dev``, see docs/alignment.md), none on the
-# held-out ones. Step counts are small on purpose: the whole experiment has to fit an hour of a 2-core CPU.
-# PPO: 10 rollouts of 8 prompts at 2e-4 (dev: +0.22 at KL 3.3; 12 rollouts at 4e-4 gave +0.19 at KL 3.9 in twice
-# the time)
-PPO_COMMON: dict[str, Any] = {"learning_rate": 2e-4, "response_length": 40, "temperature": 0.7, "kl_coef": 0.05,
+# held-out ones: for each method, the longest training whose development KL stayed near or under the 10-nat budget.
+# PPO: 20 rollouts of 8 prompts at 2e-4 with kl_coef 0.02 (dev: +0.39 at KL 9.2; 10 rollouts with kl_coef 0.05 gave
+# +0.22 at KL 3.3, 12 rollouts at 4e-4 +0.19 at KL 3.9). kl_coef is in gold-reward units: the methods on the learned
+# reward get it times the reward model's scale (see reward_scale).
+PPO_COMMON: dict[str, Any] = {"learning_rate": 2e-4, "response_length": 40, "temperature": 0.7, "kl_coef": 0.02,
                               "per_device_train_batch_size": 8, "num_ppo_epochs": 2, "num_mini_batches": 2,
-                              "max_steps": 10, "lam": 1.0, "num_sample_generations": 0}
+                              "max_steps": 20, "lam": 1.0, "num_sample_generations": 0}
 # lam = 1: with a critic that starts at zero, lam < 1 gives the early tokens of every response almost none of the
 # final score, and whitening over tokens then makes their advantages negative whatever the response was worth
 # (docs/alignment.md); lam = 1 gives every token the score minus the critic's baseline from the first rollout.
-# Direct methods: 12 steps at 3e-4 (dev: DPO +0.37 at KL 5.4; 24 steps at 2e-4 gave +0.47 at KL 9.1, at the edge
-# of the 10-nat budget; 24 steps at 5e-4 overshot it, KL 26). The prompt once per pair / list (shared_prompt).
-DIRECT: dict[str, Any] = {"learning_rate": 3e-4, "per_device_train_batch_size": 8, "max_steps": 12,
+# Direct methods, the prompt once per pair / list (shared_prompt). DPO: 32 steps of 8 pairs at 1.5e-4 (dev: 36 steps
+# gave +0.50 at KL 10.8, 24 steps at 2e-4 +0.47 at KL 9.1, 12 steps at 3e-4 +0.37 at KL 5.4).
+DIRECT: dict[str, Any] = {"learning_rate": 1.5e-4, "per_device_train_batch_size": 8, "max_steps": 32,
                           "layout": "shared_prompt"}
 
 METHODS: dict[str, Method] = {
@@ -80,19 +81,24 @@ METHODS: dict[str, Method] = {
                      label="PPO, learned reward"),
     "rloo": Method("ppo", "prompts", {**PPO_COMMON, "advantage_estimator": "rloo", "num_generations": 2,
                                       "per_device_train_batch_size": 4}, reward="model", label="RLOO, learned reward"),
-    "ipo": Method("dpo", "pairwise", {**DIRECT, "beta": 0.1, "loss_type": "ipo"}, label="IPO"),
-    "kto": Method("kto", "unpaired", {**DIRECT, "beta": 0.1, "per_device_train_batch_size": 16, "layout": "padded"},
-                  label="KTO"),
-    "lipo": Method("dpo", "listwise", {**DIRECT, "beta": 0.1, "loss_type": "lipo",
-                                       "per_device_train_batch_size": 4}, label="LiPO (listwise)"),
+    # IPO: 26 steps (dev: 28 steps gave +0.44 at KL 10.4, 36 steps +0.50 at KL 16.4, 12 steps at 3e-4 +0.31 at 8.2)
+    "ipo": Method("dpo", "pairwise", {**DIRECT, "beta": 0.1, "loss_type": "ipo", "max_steps": 26}, label="IPO"),
+    # KTO: 24 steps of 16 completions at 2.5e-4 (dev: +0.47 at KL 9.1; 12 steps at 3e-4 +0.34 at KL 4.0)
+    "kto": Method("kto", "unpaired", {**DIRECT, "beta": 0.1, "per_device_train_batch_size": 16, "layout": "padded",
+                                      "learning_rate": 2.5e-4, "max_steps": 24}, label="KTO"),
+    # LiPO: 18 steps of 4 prompts (16 completions) at 3e-4 (dev: +0.39 at KL 9.0; 24 steps at 4e-4 +0.49 at KL 18.3)
+    "lipo": Method("dpo", "listwise", {**DIRECT, "beta": 0.1, "loss_type": "lipo", "per_device_train_batch_size": 4,
+                                       "learning_rate": 3e-4, "max_steps": 18}, label="LiPO (listwise)"),
 }
-# The README's quick check: the full experiment's DPO, evaluated on the first REDUCED_EVAL_PROMPTS held-out prompts.
-REDUCED: dict[str, Method] = {"dpo": METHODS["dpo"]}
+# The README's quick check, a few minutes: a shorter DPO (12 steps of 8 pairs at 3e-4; dev: +0.37 at KL 5.4),
+# evaluated on the first REDUCED_EVAL_PROMPTS held-out prompts.
+REDUCED: dict[str, Method] = {"dpo": Method("dpo", "pairwise", {**DIRECT, "beta": 0.1, "loss_type": "sigmoid",
+                                                                "learning_rate": 3e-4, "max_steps": 12}, label="DPO")}
 REDUCED_EVAL_PROMPTS = 50
-# Minutes of training + evaluation of each method measured on the development runs (one thread, load average 3-4),
-# to spread the methods over the workers.
-COST: dict[str, float] = {"reward_model": 9, "ppo_rm": 12, "rloo": 12, "ppo_gold": 12, "dpo": 7, "ipo": 8, "kto": 14,
-                          "lipo": 9}
+# Minutes of training + evaluation of each method, estimated from the development runs for two 1-thread processes on
+# an otherwise idle 2-core CPU, to spread the methods over the workers.
+COST: dict[str, float] = {"reward_model": 6, "ppo_rm": 16, "rloo": 10, "ppo_gold": 15, "dpo": 8, "ipo": 7, "kto": 12,
+                          "lipo": 5}
 WORKER_ORDER = ["kto", "ppo_gold", "lipo", "dpo", "ipo", "reward_model", "ppo_rm", "rloo"]
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -116,6 +122,7 @@ class Experiment:
     max_train_rows: int | None = None
     results_suffix: str = ""  # a worker writes results_seed<N><suffix>.json
     lora_layers: int | None = LORA_LAYERS  # LoRA on the last ``lora_layers`` decoder layers (None: all)
+    reward_scale: float = 1.0  # learned-reward units per gold unit, set when the reward model is trained
 
 
 def _bundled_policy() -> tuple[Any, Any]:
@@ -208,10 +215,27 @@ def reward_model_accuracy(reward_model: Any, tokenizer: Any, data_dir: Path) -> 
         index.append(list(range(start, start + len(g["completions"]))))
         start += len(g["completions"])
     every, n_every = pair_accuracy(rewards, gold, index)
+    scale = reward_scale(rewards, gold)
     ends = [[ix[max(range(len(ix)), key=lambda k: (gold[ix[k]], -k))], ix[min(range(len(ix)), key=lambda k: (gold[ix[k]], k))]]
             for ix in index]
     best_worst, n_best_worst = pair_accuracy(rewards, gold, ends)
-    return {"accuracy": every, "pairs": n_every, "accuracy_best_worst": best_worst, "pairs_best_worst": n_best_worst}
+    return {"accuracy": every, "pairs": n_every, "accuracy_best_worst": best_worst, "pairs_best_worst": n_best_worst,
+            "reward_scale": scale}
+
+
+def reward_scale(rewards: Sequence[float], gold: Sequence[float]) -> float:
+    """How many units of the learned reward one unit of the gold reward is worth: the ratio of their standard
+    deviations over the same completions. PPO's ``kl_coef`` is given in gold-reward units (it prices a nat of KL
+    in reward); the methods trained on the learned reward get ``kl_coef * reward_scale``, the same price in their
+    reward's units, so the learned reward's arbitrary scale does not loosen or tighten the KL leash.
+
+    >>> round(reward_scale([0.0, 2.0, 4.0], [0.0, 0.5, 1.0]), 6)
+    4.0
+    """
+    import statistics
+
+    spread = statistics.pstdev(gold)
+    return statistics.pstdev(rewards) / spread if spread > 0 else 1.0
 
 
 def train_reward_model(exp: Experiment, method: Method) -> tuple[Any, dict[str, float]]:
@@ -257,6 +281,8 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
         if reward is None:
             raise ValueError(f"{name} needs the reward model: run the reward_model stage first")
         settings.pop("max_length")
+        if method.reward == "model" and "kl_coef" in settings:  # kl_coef is in gold-reward units: see reward_scale
+            settings["kl_coef"] = settings["kl_coef"] * exp.reward_scale
         trainer = PPOTrainer(PPOConfig(**settings), tokenizer, model, reward_model=reward, train_dataset=data,
                              peft_config=_lora("CAUSAL_LM", model, exp.lora_layers))
     else:
@@ -315,6 +341,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         t = time.time()
         if method.trainer == "reward":
             reward_model, metrics = train_reward_model(exp, method)
+            exp.reward_scale = metrics["reward_scale"]
             results["reward_model"] = {**metrics, "seconds": time.time() - t, "config": method.config,
                                        "data": method.data, "load_average": os.getloadavg()[0]}
             _write(exp, results, started)
@@ -331,6 +358,8 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         if reward_model is not None:
             metrics.update(_held_out_pairs(reward_model, tok, exp, reference, metrics))
         del metrics["completions"], metrics["scores"]
+        if method.trainer == "ppo" and method.reward == "model" and "kl_coef" in method.config:
+            metrics["kl_coef_used"] = method.config["kl_coef"] * exp.reward_scale
         metrics.update(label=method.label or name, train_seconds=train_seconds,
                        eval_seconds=time.time() - t - train_seconds, config=method.config, data=method.data,
                        reward=method.reward, train_log=logs[-3:], load_average=os.getloadavg()[0])
