@@ -40,9 +40,9 @@ from hfrlhf.trainers.base import (
     prepare_policy,
 )
 from hfrlhf.trainers.reference import (
-    REF_COLUMN,
     Reference,
     WithReferenceColumn,
+    check_reference_available,
     is_peft_model,
     precompute_reference,
 )
@@ -298,12 +298,7 @@ class DPOTrainer(HfrlhfTrainer):
         reference log-probs computed (or read from the cache) for these rows."""
         data = super().prepare_eval_dataset(data, name)
         if self.args.needs_reference and self.args.precompute_ref_log_probs:
-            if not self.reference.needs_model and REF_COLUMN not in data.column_names and self.state.global_step > 0:
-                raise ValueError(
-                    f"{name}: its reference log-probs cannot be computed after training without a reference model "
-                    "(the reference was the policy before training); pass these rows as eval_dataset to the "
-                    "constructor, or pass ref_model"
-                )
+            check_reference_available(self.reference, data, trained=self.state.global_step > 0, name=name)
             data = self._precompute(data)
         return data
 

@@ -58,9 +58,9 @@ from hfrlhf.trainers.base import (
 )
 from hfrlhf.trainers.kto_pairs import KL_COLUMN, KTOCollator, add_kl_partners
 from hfrlhf.trainers.reference import (
-    REF_COLUMN,
     Reference,
     WithReferenceColumn,
+    check_reference_available,
     is_peft_model,
     precompute_reference,
 )
@@ -253,12 +253,7 @@ class KTOTrainer(HfrlhfTrainer):
         them and, with ``precompute_ref_log_probs``, the reference log-probs of these rows."""
         data = self._prepare(data, self.processing_class, self.args, name)
         if self.args.precompute_ref_log_probs:
-            if not self.reference.needs_model and REF_COLUMN not in data.column_names and self.state.global_step > 0:
-                raise ValueError(
-                    f"{name}: its reference log-probs cannot be computed after training without a reference model "
-                    "(the reference was the policy before training); pass these rows as eval_dataset to the "
-                    "constructor, or pass ref_model"
-                )
+            check_reference_available(self.reference, data, trained=self.state.global_step > 0, name=name)
             data = self._precompute(data)
         return data
 

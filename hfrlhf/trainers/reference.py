@@ -87,6 +87,17 @@ class Reference:
         raise RuntimeError("no reference available: pass ref_model, use a peft adapter, or precompute log-probs")
 
 
+def check_reference_available(reference: Reference, data: Dataset, *, trained: bool, name: str) -> None:
+    """Fail clearly when ``data`` still needs reference log-probs that can no longer be computed: in full
+    fine-tuning without a ``ref_model`` the reference is the policy before training, gone once it has trained."""
+    if not reference.needs_model and REF_COLUMN not in data.column_names and trained:
+        raise ValueError(
+            f"{name}: its reference log-probs cannot be computed after training without a reference model "
+            "(the reference was the policy before training); pass these rows as eval_dataset to the "
+            "constructor, or pass ref_model"
+        )
+
+
 def _fingerprint_model(model: nn.Module) -> str:
     """A cheap, content-based identity of a model: its config plus a few weight statistics."""
     inner = _unwrap(model)
