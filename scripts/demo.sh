@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (when needed) and run the main job: the reduced controlled-sentiment experiment. A LoRA adapter on the
-# bundled SmolLM2-135M-Instruct is trained with DPO (the full experiment's settings: 12 steps of 8 pairs) on
-# preference pairs the project made with the library (completions of the same model, ranked by VADER sentiment,
+# bundled SmolLM2-135M-Instruct is trained with DPO (shorter than the full experiment's: 12 steps of 8 pairs at
+# 3e-4) on preference pairs the project made with the library (completions of the same model, ranked by VADER sentiment,
 # experiments/sentiment/data), then the first 50 held-out prompts are answered by the reference and by the trained
 # policy and scored: gold reward, win rate, KL, length. A few minutes on one CPU thread.
 # Extra arguments go to experiments/sentiment/run.py (e.g. --seed 1; drop --reduced for the full experiment).
