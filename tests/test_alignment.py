@@ -304,3 +304,25 @@ def test_reward_scale_is_the_ratio_of_spreads():
     learned = [3 * g + 7 for g in gold]  # any affine map with slope 3
     assert runner.reward_scale(learned, gold) == pytest.approx(3.0)
     assert runner.reward_scale([1.0, 2.0], [0.5, 0.5]) == 1.0  # no gold spread: left as written
+
+
+def test_eval_at_evaluates_the_weights_of_earlier_steps(tmp_path):
+    """A development run evaluates its policy after given steps as well; the weights restored for the last step
+    are the trained ones, so that evaluation equals the final one, and the step-0-like early steps differ."""
+    exp = _tiny_experiment(tmp_path)
+    exp.methods = {"dpo": exp.methods["dpo"]}
+    exp.methods["dpo"].config.update(max_steps=3, learning_rate=5e-2)
+    exp.eval_at = (1, 3)
+    results = runner.run(exp, log=lambda s: None)
+    m = results["methods"]["dpo"]
+    assert sorted(m["at_step"]) == [1, 3]
+    last = m["at_step"][3]
+    assert last["kl"] == pytest.approx(m["kl"], abs=1e-6) and last["gold"] == pytest.approx(m["gold"])
+    assert m["at_step"][1]["kl"] != pytest.approx(last["kl"], abs=1e-6)
+
+
+def test_unseen_dev_prompts_share_nothing_with_training_or_held_out_topics():
+    dev = prompts.unseen_dev_prompts()
+    assert len(dev) == len(set(dev)) == 60
+    for topic in prompts.TRAIN_TOPICS + prompts.HELD_OUT_TOPICS:
+        assert not any(f" {topic}" in p for p in dev), topic

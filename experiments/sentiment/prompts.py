@@ -8,13 +8,17 @@ never sees, so the evaluation measures how a method generalises rather than what
 (True, True)
 >>> not {p for p in train} & {p for p in held_out}
 True
+>>> dev = unseen_dev_prompts()
+>>> len(dev), not set(dev) & (set(train) | set(held_out))
+(60, True)
 """
 
 from __future__ import annotations
 
 import random
 
-__all__ = ["HELD_OUT_TOPICS", "TRAIN_TOPICS", "as_messages", "held_out_prompts", "train_prompts"]
+__all__ = ["DEV_TOPICS", "HELD_OUT_TOPICS", "TRAIN_TOPICS", "as_messages", "held_out_prompts", "train_prompts",
+           "unseen_dev_prompts"]
 
 # Everyday topics people voice opinions on; neutral wording, so the sentiment is up to the answer.
 TRAIN_TOPICS = [
@@ -39,6 +43,14 @@ HELD_OUT_TOPICS = [
     "drive-in cinemas", "sourdough pizza", "bird feeders", "quiz nights", "hot air balloons", "city trams",
     "folk music", "paper maps", "knitting", "lighthouses", "roller skating", "picnics",
 ]
+# Development topics: neither trained on nor held out. With two training templates and two templates of their own
+# they shift away from training the way the held-out prompts do, so the KL they show is the KL to expect on
+# prompts the policies never saw.
+DEV_TOPICS = [
+    "tennis", "street food tours", "wind farms", "comic books", "pottery", "late-night radio", "bus journeys",
+    "indoor climbing", "crossword puzzles", "aquariums", "flea markets", "school reunions", "spa days",
+    "musicals", "rooftop bars",
+]
 
 TRAIN_TEMPLATES = [
     "What do you think about {topic}? Answer in one or two sentences.",
@@ -52,6 +64,12 @@ HELD_OUT_TEMPLATES = [
     "Write a short review of {topic}.",
     "Share a quick comment on {topic}.",
     "How would you sum up {topic} for a friend, in one sentence?",
+]
+DEV_TEMPLATES = [
+    "What do you think about {topic}? Answer in one or two sentences.",
+    "Write a short review of {topic}.",
+    "What is your take on {topic}? Keep it brief.",
+    "Tell a friend in a sentence or two how you feel about {topic}.",
 ]
 
 
@@ -69,6 +87,11 @@ def train_prompts(n: int = 400, seed: int = 0) -> list[str]:
 def held_out_prompts(n: int = 100, seed: int = 0) -> list[str]:
     """Up to ``n`` held-out prompts (25 topics x 4 templates = 100), topics disjoint from training."""
     return _fill(HELD_OUT_TOPICS, HELD_OUT_TEMPLATES, n, seed)
+
+
+def unseen_dev_prompts(n: int = 60, seed: int = 0) -> list[str]:
+    """Up to ``n`` development prompts on unseen topics (15 topics x 4 templates = 60), disjoint from both sets."""
+    return _fill(DEV_TOPICS, DEV_TEMPLATES, n, seed)
 
 
 def as_messages(prompt: str) -> list[dict[str, str]]:

@@ -4,10 +4,12 @@ held-out evaluation by the gold reward, results JSON, reward-against-KL plot and
     python experiments/sentiment/run.py --seed 0 --threads 1  # every method (see METHODS), two workers
     python experiments/sentiment/run.py --reduced --seed 0    # DPO only, the README's quick check (minutes)
     python experiments/sentiment/run.py --methods reward_model,ppo_rm --seed 1
-    python experiments/sentiment/run.py --dev --methods dpo --set dpo.learning_rate=2e-4   # choose settings
+    python experiments/sentiment/run.py --dev unseen --methods dpo --set dpo.max_steps=44 --eval_at 32,38,44
 
-Settings are chosen with ``--dev``: the policies are then evaluated on the reward model's 60 validation prompts
-(training-distribution prompts that no method trains on), never on the held-out prompts.
+Settings are chosen with ``--dev``, never on the held-out prompts: ``--dev unseen`` evaluates on 60 prompts about
+topics neither trained on nor held out (shifted from training as the held-out prompts are), plain ``--dev`` on
+the reward model's 60 validation prompts (training topics and templates, not trained on). ``--eval_at`` also
+evaluates each policy as it was after the given steps, so one run gives several points of its reward-KL curve.
 
 The data come from ``make_data.py`` (shipped in ``data/``). The policy of every method is the bundled
 SmolLM2-135M-Instruct with a fresh LoRA adapter; the reference is the same model with the adapter off. Every
@@ -32,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gold_eval import evaluate_policy, reference_samples  # noqa: E402
 from make_data import DATA_DIR, read_jsonl  # noqa: E402
-from prompts import as_messages, held_out_prompts  # noqa: E402
+from prompts import as_messages, held_out_prompts, unseen_dev_prompts  # noqa: E402
 from sampling import GenerationSettings  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -123,6 +126,7 @@ class Experiment:
     results_suffix: str = ""  # a worker writes results_seed<N><suffix>.json
     lora_layers: int | None = LORA_LAYERS  # LoRA on the last ``lora_layers`` decoder layers (None: all)
     reward_scale: float = 1.0  # learned-reward units per gold unit, set when the reward model is trained
+    eval_at: tuple[int, ...] = ()  # also evaluate each policy as it was after these training steps (development)
 
 
 def _bundled_policy() -> tuple[Any, Any]:
@@ -254,8 +258,32 @@ def train_reward_model(exp: Experiment, method: Method) -> tuple[Any, dict[str, 
     return reward_model, reward_model_accuracy(reward_model, tokenizer, exp.data_dir)
 
 
+class _Snapshots(TrainerCallback):
+    """Copies of the trainable weights after given training steps, to evaluate a policy at several points of one
+    run (the reward-against-KL curve of a setting, for the price of its longest run)."""
+
+    def __init__(self, steps: Sequence[int], module: Any) -> None:
+        self.steps, self.saved, self.module = set(steps), {}, module
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step in self.steps:
+            self.saved[state.global_step] = {k: v.detach().clone() for k, v in self.module.named_parameters()
+                                             if v.requires_grad}
+        return control
+
+    def restore(self, step: int) -> None:
+        """Put the weights saved after ``step`` back into the module."""
+        import torch
+
+        with torch.no_grad():
+            for k, v in self.module.named_parameters():
+                if k in self.saved[step]:
+                    v.copy_(self.saved[step][k])
+
+
 def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any = None) -> Any:
-    """Stage 3: one policy (a peft model whose adapter off is the reference)."""
+    """Stage 3: one policy (a peft model whose adapter off is the reference). With ``exp.eval_at``, the trained
+    weights after those steps are kept as well (``policy.hfrlhf_snapshots``, see :class:`_Snapshots`)."""
     from hfrlhf.trainers import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, PPOConfig, PPOTrainer
     from hfrlhf.workflows.rewards import vader_sentiment
 
@@ -287,9 +315,13 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
                              peft_config=_lora("CAUSAL_LM", model, exp.lora_layers))
     else:
         raise ValueError(f"unknown trainer {method.trainer!r}")
+    snapshots = _Snapshots(exp.eval_at, trainer.model) if exp.eval_at else None
+    if snapshots is not None:
+        trainer.add_callback(snapshots)
     trainer.train()
     trainer.save_model()  # the LoRA adapter (safetensors), its config and the tokenizer, in settings["output_dir"]
     policy = trainer.model.policy if method.trainer == "ppo" else trainer.model
+    policy.hfrlhf_snapshots = snapshots
     logs = [h for h in trainer.state.log_history if "loss" in h or "objective/scores" in h]
     return policy, tokenizer, logs
 
@@ -360,6 +392,16 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         del metrics["completions"], metrics["scores"]
         if method.trainer == "ppo" and method.reward == "model" and "kl_coef" in method.config:
             metrics["kl_coef_used"] = method.config["kl_coef"] * exp.reward_scale
+        snapshots = getattr(policy, "hfrlhf_snapshots", None)
+        if snapshots is not None:  # the same policy earlier in its training (development runs)
+            metrics["at_step"] = {}
+            for step in sorted(snapshots.saved):
+                snapshots.restore(step)
+                m = evaluate_policy(policy, tok, exp.eval_prompts, exp.generation, reference, n=exp.eval_samples,
+                                    seed=exp.seed)
+                metrics["at_step"][step] = {k: m[k] for k in ("gold", "win_rate", "kl", "length")}
+                log(f"[{name} @ step {step}] gold {m['gold']:.3f}, win {m['win_rate']:.2f}, KL {m['kl']:.2f}, "
+                    f"length {m['length']:.1f}")
         metrics.update(label=method.label or name, train_seconds=train_seconds,
                        eval_seconds=time.time() - t - train_seconds, config=method.config, data=method.data,
                        reward=method.reward, train_log=logs[-3:], load_average=os.getloadavg()[0])
@@ -513,7 +555,8 @@ def _run_workers(args: argparse.Namespace, groups: list[list[str]], output_dir: 
                "--output_dir", str(args.output_dir), "--eval_samples", str(args.eval_samples), "--workers", "1",
                "--results_suffix", f".worker{k}", "--lora_layers", str(args.lora_layers)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
-        cmd += ["--dev"] if args.dev else []
+        cmd += ["--dev", args.dev] if args.dev else []
+        cmd += ["--eval_at", args.eval_at] if args.eval_at else []
         for item in args.set:
             cmd += ["--set", item]
         procs.append(subprocess.Popen(cmd))
@@ -541,8 +584,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reduced", action="store_true", help="DPO only, on the first "
                         f"{REDUCED_EVAL_PROMPTS} held-out prompts (the README's main job, a few minutes)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
-    parser.add_argument("--dev", action="store_true", help="evaluate on the development prompts (the reward model's "
-                        "validation prompts) instead of the held-out ones: the way to choose settings")
+    parser.add_argument("--dev", nargs="?", const="validation", choices=["validation", "unseen"], default=None,
+                        help="evaluate on development prompts instead of the held-out ones, the way to choose "
+                        "settings: the reward model's validation prompts (training topics and templates, the default) "
+                        "or 'unseen' (topics neither trained on nor held out, shifted like the held-out prompts)")
+    parser.add_argument("--eval_at", default="", help="development: also evaluate each policy after these training "
+                        "steps (comma-separated), from the same run")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="change one setting of one method (repeatable), e.g. dpo.learning_rate=2e-4")
     parser.add_argument("--workers", type=int, default=2, help="processes the methods are spread over (default 2: "
@@ -561,12 +608,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.output_dir / "dev" if args.dev else args.output_dir
+    out = args.output_dir / {None: "", "validation": "dev", "unseen": "dev_unseen"}[args.dev]
     if args.docs_only:
         all_results = [json.loads(p.read_text()) for p in results_files(out)]
         update_docs(all_results, DOCS / "alignment.md", DOCS / "alignment_reward_kl.png")
         return
-    evaluation: dict[str, Any] = {"eval_prompts": dev_prompts(), "eval_set": "dev"} if args.dev else {}
+    evaluation: dict[str, Any] = {}
+    if args.dev == "validation":
+        evaluation.update(eval_prompts=dev_prompts(), eval_set="dev")
+    elif args.dev == "unseen":
+        evaluation.update(eval_prompts=unseen_dev_prompts(), eval_set="dev-unseen")
+    if args.eval_at:
+        evaluation["eval_at"] = tuple(int(x) for x in args.eval_at.split(","))
     evaluation["lora_layers"] = args.lora_layers or None
     if args.reduced:
         evaluation.setdefault("eval_prompts", held_out_prompts()[:REDUCED_EVAL_PROMPTS])
