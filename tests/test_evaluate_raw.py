@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import LlamaForSequenceClassification
 
 from hfrlhf.data.errors import DataError
-from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.trainers.base import HfrlhfTrainer
 from hfrlhf.trainers.dpo import DPOConfig, DPOTrainer
 from hfrlhf.trainers.kto import KTOConfig, KTOTrainer
@@ -34,11 +34,6 @@ UNPAIRED = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
 SFT_ROWS = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in PAIRS]
 PROMPTS = [{"prompt": p["prompt"]} for p in PAIRS]
 TIMING = ("runtime", "samples_per_second", "steps_per_second", "preparation_time")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 def _common(tmp_path):

@@ -11,7 +11,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
 from hfrlhf.data.tokenize import tokenize_dataset
-from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.trainers.kto import KTOConfig, KTOTrainer
 
 
@@ -29,11 +29,6 @@ ROWS = [
     _chat("Count to three.", "one two three", True),
     _chat("Say something kind.", "I hated every minute of talking to you.", False),
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

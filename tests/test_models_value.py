@@ -5,17 +5,12 @@ import torch
 from peft import LoraConfig
 from transformers import LlamaForSequenceClassification
 
-from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.models.value import ActorCritic, ValueHead, active_adapter, attach_shared_lora
 from hfrlhf.ops.logprobs import batch_logprobs, token_entropy
 from hfrlhf.ops.rollout import reference_logps, sequence_batch, truncate_at_stop
 
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture

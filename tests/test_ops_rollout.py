@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaForSequenceClassification
 
 from hfrlhf.losses.ppo import policy_loss, value_loss
-from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.ops.advantages import gae
 from hfrlhf.ops.masked import RunningMoments, masked_whiten
 from hfrlhf.ops.rollout import (
@@ -25,11 +25,6 @@ from hfrlhf.ops.rollout import (
 )
 
 EOS = PAD = 2  # pad == eos, as in SmolLM2 and the tiny tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 # --- 1. truncation -----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import PrinterCallback
 
 from hfrlhf.data.errors import DataError
-from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.trainers.dpo import DPOConfig, DPOTrainer
 from hfrlhf.trainers.kto import KTOConfig, KTOTrainer
 from hfrlhf.trainers.reward import RewardConfig, RewardTrainer
@@ -19,11 +19,6 @@ PAIRS = [{"prompt": "Hi", "chosen": " yes", "rejected": " no"},
          {"prompt": "The food", "chosen": " was good", "rejected": " boring"}]
 CHAT = [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
          "rejected": [{"role": "assistant", "content": "no"}]}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 def _args(tmp_path, cls=DPOConfig, **kw):

@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import LlamaForSequenceClassification, PrinterCallback
 
 from hfrlhf.data.collators import PairwiseCollator
-from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.trainers.dpo import DPOConfig, DPOTrainer
 from hfrlhf.trainers.ppo import PPOConfig, PPOTrainer
 from hfrlhf.trainers.reward import RewardConfig, RewardTrainer
@@ -20,11 +20,6 @@ WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 # prompts and completions of different lengths, so that padding really differs between sides
 PAIRS = [{"prompt": f"Say {w}" + " please" * (i % 3), "chosen": f" {w}" * (1 + i % 4), "rejected": " no" * (1 + i % 2)}
          for i, w in enumerate(WORDS * 2)]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 def _common(tmp_path, **kw):

@@ -7,17 +7,12 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import PrinterCallback, TrainerCallback
 
-from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.trainers.dpo import DPOConfig, DPOTrainer
 from hfrlhf.trainers.ppo import PPOConfig, PPOTrainer
 
 PAIRS = [{"prompt": f"Count {w}", "chosen": f" {w} {w}", "rejected": " no"}
          for w in ["one", "two", "three", "four", "five", "six"]]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 class Snapshots(TrainerCallback):

@@ -133,11 +133,6 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, kind
 PAIRS = [{"prompt": f"Count {w}", "chosen": f" {w}", "rejected": " no"} for w in ["one", "two", "three", "four"]]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
-
-
 def _trainer(tmp_path, tok, **kw):
     base = dict(output_dir=str(tmp_path / "out"), report_to=[], per_device_train_batch_size=2, max_steps=2,
                 save_strategy="steps", save_steps=1, logging_steps=1, disable_tqdm=True, seed=0, max_length=32)

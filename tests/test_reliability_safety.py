@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import PrinterCallback
 
 from hfrlhf.models.loading import ModelArguments, load_causal_lm, load_reward_model, load_tokenizer
-from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.trainers.dpo import DPOConfig, DPOTrainer
 from hfrlhf.trainers.ppo import PPOConfig, PPOTrainer
 from hfrlhf.trainers.reward import RewardConfig
@@ -21,11 +21,6 @@ PAIRS = [{"prompt": f"Count {w}", "chosen": f" {w}", "rejected": " no"} for w in
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".safetensors")
 # the Trainer's optimizer, scheduler and RNG states: torch files it reads back with torch.load(weights_only=True)
 TRAINER_STATE_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 def _dpo(tmp_path, tok, **kw):
