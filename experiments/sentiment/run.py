@@ -482,11 +482,14 @@ def plot(all_results: Sequence[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for res in all_results:
         ax.axhline(res["reference"]["gold"], color="grey", linestyle="--", linewidth=0.8)
+        ax.axhline(res["reference"]["gold"] + 0.3, color="grey", linestyle=":", linewidth=0.8)
         for m in res["methods"].values():
             ax.scatter(m["kl"], m["gold"], label=f"{m['label']} (seed {res['seed']})")
+    ax.axvline(10.0, color="grey", linestyle=":", linewidth=0.8)  # the KL budget
     ax.set_xlabel("KL(policy || reference), nats per completion")
     ax.set_ylabel("held-out gold reward (VADER)")
-    ax.set_title("Controlled sentiment: reward against KL (dashed: reference)")
+    ax.set_title("Controlled sentiment: reward against KL\n(dashed: reference; dotted: reference + 0.3, KL 10)",
+                 fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
