@@ -34,7 +34,7 @@ def _same(a, b):
 
 def _dpo(tmp_path, tok, **kw):
     base = dict(output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", per_device_train_batch_size=2,
-                max_steps=3, logging_steps=1, disable_tqdm=True, seed=0, max_length=32, learning_rate=1e-2)
+                bf16=False, max_steps=3, logging_steps=1, disable_tqdm=True, seed=0, max_length=32, learning_rate=1e-2)
     base.update(kw)
     model = build_tiny_llama(tok, seed=1)
     snaps = Snapshots()
