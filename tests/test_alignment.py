@@ -326,3 +326,9 @@ def test_unseen_dev_prompts_share_nothing_with_training_or_held_out_topics():
     assert len(dev) == len(set(dev)) == 60
     for topic in prompts.TRAIN_TOPICS + prompts.HELD_OUT_TOPICS:
         assert not any(f" {topic}" in p for p in dev), topic
+
+
+def test_eval_at_rejects_what_is_not_a_list_of_steps(capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["--methods", "dpo", "--eval_at", "24,late"])
+    assert "--eval_at '24,late'" in capsys.readouterr().err

@@ -627,7 +627,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.dev == "unseen":
         evaluation.update(eval_prompts=unseen_dev_prompts(), eval_set="dev-unseen")
     if args.eval_at:
-        evaluation["eval_at"] = tuple(int(x) for x in args.eval_at.split(","))
+        try:
+            evaluation["eval_at"] = tuple(int(x) for x in args.eval_at.split(","))
+        except ValueError:
+            parser.error(f"--eval_at {args.eval_at!r}: expected comma-separated step numbers, e.g. 24,28,32")
     evaluation["lora_layers"] = args.lora_layers or None
     if args.reduced:
         evaluation.setdefault("eval_prompts", held_out_prompts()[:REDUCED_EVAL_PROMPTS])
