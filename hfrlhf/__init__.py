@@ -37,6 +37,7 @@ _EXPORTS = {
     "load_causal_lm": "hfrlhf.models.loading", "load_reward_model": "hfrlhf.models.loading",
     "load_tokenizer": "hfrlhf.models.loading", "get_peft_config": "hfrlhf.models.loading",
     "get_quantization_config": "hfrlhf.models.loading", "bf16_supported": "hfrlhf.models.loading",
+    "keep_4bit_weights_trainable": "hfrlhf.models.quantized",
     # reward models: build, read, score
     "reward_model_from_causal_lm": "hfrlhf.models.reward_head", "sequence_rewards": "hfrlhf.models.reward_head",
     "score_completions": "hfrlhf.models.reward_head",

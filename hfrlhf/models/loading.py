@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from hfrlhf.models.bundled import BUNDLED_NAME, bundled_model_path, is_bundled_name
+from hfrlhf.models.quantized import keep_4bit_weights_trainable
 
 __all__ = [
     "ModelArguments",
@@ -196,6 +197,7 @@ def load_causal_lm(args: ModelArguments | str = BUNDLED_NAME, **overrides: Any) 
         args = ModelArguments(model_name_or_path=args)
     kwargs = {**_load_kwargs(args), **overrides}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model_name_or_path), **kwargs)
+    keep_4bit_weights_trainable(model)
     return model
 
 
@@ -210,6 +212,7 @@ def load_reward_model(args: ModelArguments | str = BUNDLED_NAME, **overrides: An
     path = resolve_model_path(args.model_name_or_path)
     kwargs = {**_load_kwargs(args), "num_labels": 1, **overrides}
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    keep_4bit_weights_trainable(model)
     if model.config.pad_token_id is None:
         tok = load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
         model.config.pad_token_id = tok.pad_token_id

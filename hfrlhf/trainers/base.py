@@ -307,6 +307,7 @@ def prepare_policy(
     reference is frozen and put in eval mode; with ``args.disable_dropout`` dropout is off in both.
     """
     from hfrlhf.models.loading import load_causal_lm, load_tokenizer
+    from hfrlhf.models.quantized import keep_4bit_weights_trainable
     from hfrlhf.trainers.reference import is_peft_model
 
     if isinstance(model, str):
@@ -320,6 +321,9 @@ def prepare_policy(
         raise ValueError("processing_class (the tokenizer) is required when model is not given by name")
     ensure_pad_token(processing_class, model)
     model = attach_peft(model, peft_config, args)
+    for m in (model, ref_model):
+        if m is not None:
+            keep_4bit_weights_trainable(m)
     if ref_model is None and copy_reference and not is_peft_model(model):
         ref_model = copy.deepcopy(model)
     if ref_model is not None:

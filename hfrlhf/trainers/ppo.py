@@ -44,6 +44,7 @@ from hfrlhf.data.collators import SFTCollator
 from hfrlhf.data.formats import load
 from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
+from hfrlhf.models.quantized import keep_4bit_weights_trainable
 from hfrlhf.models.value import ActorCritic, attach_shared_lora, build_critic, unwrap
 from hfrlhf.ops.kl import AdaptiveKLController, FixedKLController
 from hfrlhf.ops.masked import RunningMoments
@@ -247,8 +248,10 @@ class PPOTrainer(HfrlhfTrainer):
                                         reward_model=None if scorer.retokenize else scorer.model,
                                         critic_adapter=critic_adapter, init_std=args.value_head_init_std, seed=args.seed)
         for trained in (model, critic):
-            if trained is not None and args.disable_dropout:
-                disable_dropout(trained)
+            if trained is not None:
+                keep_4bit_weights_trainable(trained)
+                if args.disable_dropout:
+                    disable_dropout(trained)
         if ref_model is None and not shared:
             ref_model = copy.deepcopy(model)  # full fine-tuning: the reference is the policy as it starts
         for frozen in (ref_model, scorer.model):

@@ -40,6 +40,7 @@ from hfrlhf.data.collators import ListwiseCollator, PairwiseCollator, PointwiseC
 from hfrlhf.data.errors import DataError
 from hfrlhf.losses import LossOutput, LossSpec, get_loss
 from hfrlhf.models.loading import ModelArguments, load_reward_model, load_tokenizer, score_head
+from hfrlhf.models.quantized import keep_4bit_weights_trainable
 from hfrlhf.models.reward_head import reward_model_from_causal_lm, score_completions, sequence_rewards
 from hfrlhf.trainers.base import (
     HfrlhfConfig,
@@ -286,6 +287,7 @@ class RewardTrainer(HfrlhfTrainer):
 
         if peft_config is not None:
             model = attach_peft(model, _reward_peft_config(peft_config, _head_name(model)), args)
+        keep_4bit_weights_trainable(model)
         if args.disable_dropout:
             disable_dropout(model)
 
