@@ -306,19 +306,28 @@ def test_reward_scale_is_the_ratio_of_spreads():
     assert runner.reward_scale([1.0, 2.0], [0.5, 0.5]) == 1.0  # no gold spread: left as written
 
 
-def test_eval_at_evaluates_the_weights_of_earlier_steps(tmp_path):
-    """A development run evaluates its policy after given steps as well; the weights restored for the last step
-    are the trained ones, so that evaluation equals the final one, and the step-0-like early steps differ."""
-    exp = _tiny_experiment(tmp_path)
-    exp.methods = {"dpo": exp.methods["dpo"]}
-    exp.methods["dpo"].config.update(max_steps=3, learning_rate=5e-2)
-    exp.eval_at = (1, 3)
-    results = runner.run(exp, log=lambda s: None)
-    m = results["methods"]["dpo"]
-    assert sorted(m["at_step"]) == [1, 3]
-    last = m["at_step"][3]
-    assert last["kl"] == pytest.approx(m["kl"], abs=1e-6) and last["gold"] == pytest.approx(m["gold"])
-    assert m["at_step"][1]["kl"] != pytest.approx(last["kl"], abs=1e-6)
+def test_eval_at_evaluates_the_weights_of_earlier_steps(tmp_path, monkeypatch):
+    """A development run evaluates its policy after given steps as well: the weights restored for step 2 of a
+    3-step run evaluate as a 2-step run of the same seed does (constant learning rate), and the last step, the
+    trained policy itself, is not evaluated twice."""
+    def run(max_steps, eval_at, out):
+        exp = _tiny_experiment(tmp_path / out)
+        exp.methods = {"dpo": exp.methods["dpo"]}
+        exp.methods["dpo"].config.update(max_steps=max_steps, learning_rate=5e-2)
+        exp.eval_at = eval_at
+        return runner.run(exp, log=lambda s: None)["methods"]["dpo"]
+
+    evaluated = []
+    evaluate = runner.evaluate_policy
+    monkeypatch.setattr(runner, "evaluate_policy", lambda *a, **k: evaluated.append(1) or evaluate(*a, **k))
+    m = run(3, (1, 2, 3), "three")
+    assert len(evaluated) == 3  # the trained policy, then steps 1 and 2
+    assert sorted(m["at_step"]) == [1, 2, 3]
+    assert m["at_step"][3] == {k: m[k] for k in ("gold", "win_rate", "kl", "length")}
+    two = run(2, (), "two")
+    for key in ("gold", "kl", "length"):
+        assert m["at_step"][2][key] == pytest.approx(two[key], abs=1e-5), key
+    assert m["at_step"][1]["kl"] != pytest.approx(m["at_step"][2]["kl"], abs=1e-6)
 
 
 def test_unseen_dev_prompts_share_nothing_with_training_or_held_out_topics():

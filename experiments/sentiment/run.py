@@ -269,11 +269,16 @@ class _Snapshots(TrainerCallback):
 
     def __init__(self, steps: Sequence[int], module: Any) -> None:
         self.steps, self.saved, self.module = set(steps), {}, module
+        self.final_step: int | None = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if state.global_step in self.steps:
             self.saved[state.global_step] = {k: v.detach().clone() for k, v in self.module.named_parameters()
                                              if v.requires_grad}
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.final_step = state.global_step
         return control
 
     def restore(self, step: int) -> None:
@@ -401,9 +406,12 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         if snapshots is not None:  # the same policy earlier in its training (development runs)
             metrics["at_step"] = {}
             for step in sorted(snapshots.saved):
-                snapshots.restore(step)
-                m = evaluate_policy(policy, tok, exp.eval_prompts, exp.generation, reference, n=exp.eval_samples,
-                                    seed=exp.seed)
+                if step == snapshots.final_step:  # the trained policy itself, evaluated above
+                    m = metrics
+                else:
+                    snapshots.restore(step)
+                    m = evaluate_policy(policy, tok, exp.eval_prompts, exp.generation, reference,
+                                        n=exp.eval_samples, seed=exp.seed)
                 metrics["at_step"][step] = {k: m[k] for k in ("gold", "win_rate", "kl", "length")}
                 log(f"[{name} @ step {step}] gold {m['gold']:.3f}, win {m['win_rate']:.2f}, KL {m['kl']:.2f}, "
                     f"length {m['length']:.1f}")
