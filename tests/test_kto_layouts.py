@@ -8,17 +8,12 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from helpers import unpaired_chat as _chat
 from peft import LoraConfig, get_peft_model
 
 from hfrlhf.data.tokenize import tokenize_dataset
 from hfrlhf.models.tiny import build_tiny_llama
 from hfrlhf.trainers.kto import KTOConfig, KTOTrainer
-
-
-def _chat(prompt: str, completion: str, label: bool) -> dict:
-    return {"prompt": [{"role": "user", "content": prompt}],
-            "completion": [{"role": "assistant", "content": completion}], "label": label}
-
 
 # two prompts with two completions each (so shared_prompt has prompts to share) and two prompts alone
 ROWS = [

@@ -13,18 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from helpers import unpaired_chat as _chat
 from peft import LoraConfig
 
 from hfrlhf.data.tokenize import tokenize_dataset
 from hfrlhf.losses.kto import apo_zero_unpaired_loss, kto_loss
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from hfrlhf.trainers.kto import KL_COLUMN, KTOCollator, KTOConfig, KTOTrainer, add_kl_partners
-
-
-def _chat(prompt: str, completion: str, label: bool) -> dict:
-    return {"prompt": [{"role": "user", "content": prompt}],
-            "completion": [{"role": "assistant", "content": completion}], "label": label}
-
 
 ROWS = [
     _chat("Review the film.", "I loved it, wonderful acting.", True),
