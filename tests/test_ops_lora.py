@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -105,8 +107,8 @@ def test_falls_back_to_peft_where_the_fused_form_would_differ():
         with model.disable_adapter():  # the reference: base layer only
             assert "LoraLinear" not in type(layer(x).grad_fn).__name__
             torch.testing.assert_close(layer(x), layer.base_layer(x))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not _uses_fused(layer, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in bf16, as peft's layer is there
+            assert _uses_fused(layer, x) and layer(x).dtype == torch.bfloat16
     assert "forward" not in layer.__dict__  # peft's own forward is back
 
 
@@ -134,3 +136,90 @@ def test_models_without_lora_are_untouched():
     with fused_lora(model) as switched:
         assert switched == 0
     assert all("forward" not in m.__dict__ for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _relative_error(value, reference):
+    return ((value.double() - reference).norm() / reference.norm()).item()
+
+
+def test_autocast_layer_is_at_least_as_close_to_float64_as_peft():
+    """Under bf16 autocast both paths compute in bf16; measured against float64 evaluations of the same function
+    on the same bf16-rounded inputs, the fused layer's output and gradients are as close as peft's (it rounds
+    once where peft rounds three times) and within bf16 precision."""
+    model = _lora_model(torch.float32)
+    layer = _first_lora_layer(model)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(4, 9, layer.base_layer.in_features, generator=g)
+    upstream = torch.randn(4, 9, layer.base_layer.out_features, generator=g)
+    name = layer.active_adapters[0]
+    a, bb = layer.lora_A[name].weight, layer.lora_B[name].weight
+    s = float(layer.scaling[name])
+
+    def run(fused):
+        x = x0.clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        ctx = fused_lora(model) if fused else contextlib.nullcontext()
+        with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+            assert _uses_fused(layer, x) == fused
+        (out.float() * upstream).sum().backward()
+        return out.detach(), x.grad, a.grad, bb.grad
+
+    # float64 evaluation of the function on bf16-rounded inputs (what both paths start from)
+    r = [t.detach().to(torch.bfloat16).double().requires_grad_(True) for t in (x0, layer.base_layer.weight, a, bb)]
+    ref = _by_hand(r[0], r[1], None, r[2], r[3], s)
+    (ref * upstream.to(torch.bfloat16).double()).sum().backward()
+    reference = (ref.detach(), r[0].grad, r[2].grad, r[3].grad)
+    fused, plain = run(True), run(False)
+    for label, mine, theirs, exact in zip(("output", "grad x", "grad A", "grad B"), fused, plain, reference):
+        err_fused, err_plain = _relative_error(mine, exact), _relative_error(theirs, exact)
+        assert err_fused < 2e-2, (label, err_fused)
+        assert err_fused <= 1.1 * err_plain + 1e-4, (label, err_fused, err_plain)
+
+
+def test_autocast_whole_model_is_close_to_peft():
+    model = _lora_model(torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_loss, plain = _loss_and_grads(model, ids)
+        with fused_lora(model) as switched:
+            fused_loss, fused = _loss_and_grads(model, ids)
+    assert switched > 0 and fused.keys() == plain.keys() and len(plain) == 2 * switched
+    torch.testing.assert_close(fused_loss, plain_loss, atol=0, rtol=2e-2)
+    for name in plain:
+        assert _relative_error(fused[name], plain[name].double()) < 5e-2, name
+
+
+def test_cast_cache_reuses_one_cast_per_input_and_version():
+    from hfrlhf.ops.lora import _CastCache
+
+    cache = _CastCache()
+    x = torch.randn(3, 4, requires_grad=True)
+    first = cache.get(x, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and cache.get(x, torch.bfloat16) is first
+    assert cache.get(x.detach().clone(), torch.bfloat16) is not first  # another tensor
+    assert cache.get(first, torch.bfloat16) is first  # already in the dtype: itself
+    cache.get(x, torch.bfloat16)
+    with torch.no_grad():
+        no_grad = cache.get(x, torch.bfloat16)
+        assert no_grad is not first and no_grad.grad_fn is None
+    y = torch.randn(3, 4)
+    before = cache.get(y, torch.bfloat16)
+    y.add_(1.0)  # changed in place: a new cast
+    after = cache.get(y, torch.bfloat16)
+    assert after is not before and torch.equal(after, y.to(torch.bfloat16))
+
+
+def test_autocast_reference_pass_is_exactly_the_base_model():
+    """Adapters off under autocast (a reference pass): the same numbers as peft's forward, bit for bit, with the
+    inputs shared by several layers cast once."""
+    model = _lora_model(torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.disable_adapter():
+        plain = model(input_ids=ids).logits
+        with fused_lora(model):
+            fused = model(input_ids=ids).logits
+            layer = _first_lora_layer(model)
+            x = torch.randn(3, layer.base_layer.in_features)
+            assert torch.equal(layer(x), layer.base_layer(x))
+    assert torch.equal(fused, plain)

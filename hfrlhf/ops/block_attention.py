@@ -36,12 +36,26 @@ BLOCK_ATTENTION = "hfrlhf_block_sdpa"
 _BLOCKS: ContextVar[list[list[int]] | None] = ContextVar("hfrlhf_attention_blocks", default=None)
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(B, Hkv, T, D) -> (B, Hkv * groups, T, D)``, each key head repeated for its query heads."""
-    if groups == 1:
-        return x
-    b, h, t, d = x.shape
-    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+def _row_blocks(blocks: list[list[int]]) -> dict[int, list[tuple[int, int, int, int]]]:
+    """The blocks of each row: ``{row: [(q_start, q_end, prefix_start, prefix_end), ...]}``."""
+    rows: dict[int, list[tuple[int, int, int, int]]] = {}
+    for row, q0, q1, p0, p1 in blocks:
+        rows.setdefault(row, []).append((q0, q1, p0, p1))
+    return rows
+
+
+def _pieces(x: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
+    """``x`` ``(H, T, D)`` split along T at ``cuts`` (sorted, from 0 to T): views whose backward is one concatenation."""
+    return list(x.split([b - a for a, b in zip(cuts, cuts[1:])], dim=1))
+
+
+def _span(pieces: list[torch.Tensor], index: dict[int, int], start: int, end: int) -> list[torch.Tensor]:
+    """The pieces covering ``[start, end)`` (both are cut points)."""
+    return pieces[index[start] : index[end]] if end > start else []
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def block_attention(
@@ -57,6 +71,11 @@ def block_attention(
     """A transformers attention function: the blocks of the current batch, else plain ``sdpa``.
 
     Shape: query ``(B, H, T, D)``, key and value ``(B, Hkv, T, D)`` -> ``(B, T, H, D)``.
+
+    Each row is cut at every block boundary into views (``split``), each block's queries, keys and values are
+    put together from those pieces, and the row's output from the blocks' outputs and zeros for pad columns:
+    no full-size buffer is written block by block, so backward makes no full-size zero gradient per block
+    either. Key and value heads shared by several query heads (grouped-query attention) are not copied.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -64,23 +83,35 @@ def block_attention(
     if blocks is None or dropout or query.shape[2] != key.shape[2] or kwargs.get("output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    gqa = query.shape[1] != key.shape[1]
     b, h, t, _ = query.shape
-    out = query.new_zeros(b, h, t, value.shape[-1])
-    for row, q0, q1, p0, p1 in blocks:
-        q = query[row : row + 1, :, q0:q1]
-        if p0 == p1:
-            o = F.scaled_dot_product_attention(q, key[row : row + 1, :, q0:q1], value[row : row + 1, :, q0:q1],
-                                               is_causal=True, scale=scaling)
-        else:
-            k = torch.cat([key[row : row + 1, :, p0:p1], key[row : row + 1, :, q0:q1]], dim=2)
-            v = torch.cat([value[row : row + 1, :, p0:p1], value[row : row + 1, :, q0:q1]], dim=2)
-            # query i sees the whole prefix and its own span up to itself: key j <= prefix + i
-            allowed = torch.ones(q1 - q0, p1 - p0 + q1 - q0, dtype=torch.bool, device=q.device).tril(p1 - p0)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
-        out[row : row + 1, :, q0:q1] = o
-    return out.transpose(1, 2).contiguous(), None
+    per_row = _row_blocks(blocks)
+    parts = []  # every row's output pieces in order, each (length, H, D): one concatenation gives (B, T, H, D)
+    for row, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
+        spans = per_row.get(row, [])
+        cuts = sorted({0, t, *(c for span in spans for c in span)})
+        index = {c: i for i, c in enumerate(cuts)}
+        qs, ks, vs = _pieces(q_row, cuts), _pieces(k_row, cuts), _pieces(v_row, cuts)
+        outputs: list[torch.Tensor | None] = [None] * (len(cuts) - 1)
+        for q0, q1, p0, p1 in spans:
+            q = _cat(_span(qs, index, q0, q1))[None]
+            own_k, own_v = _span(ks, index, q0, q1), _span(vs, index, q0, q1)
+            if p0 == p1:
+                o = F.scaled_dot_product_attention(q, _cat(own_k)[None], _cat(own_v)[None], is_causal=True,
+                                                   scale=scaling, enable_gqa=gqa)
+            else:
+                k = _cat(_span(ks, index, p0, p1) + own_k)[None]
+                v = _cat(_span(vs, index, p0, p1) + own_v)[None]
+                # query i sees the whole prefix and its own span up to itself: key j <= prefix + i
+                allowed = torch.ones(q1 - q0, p1 - p0 + q1 - q0, dtype=torch.bool, device=q.device).tril(p1 - p0)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+            first, last = index[q0], index[q1]
+            sizes = [cuts[i + 1] - cuts[i] for i in range(first, last)]
+            for i, piece in zip(range(first, last), o[0].split(sizes, dim=1)):
+                outputs[i] = piece.transpose(0, 1)
+        for i, piece in enumerate(outputs):  # pad columns (in no block): zeros
+            parts.append(query.new_zeros(cuts[i + 1] - cuts[i], h, value.shape[-1]) if piece is None else piece)
+    return torch.cat(parts).view(b, t, h, value.shape[-1]), None
 
 
 def _register() -> None:

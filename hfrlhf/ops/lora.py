@@ -12,10 +12,19 @@ themselves. :class:`LoraLinear` folds the scaling and the sums into the products
 
 :func:`fused_lora` switches it on for the layers of a model for the duration of a ``with`` block (the
 autograd graph built inside keeps it for backward). A layer keeps peft's own forward whenever the fused
-one would not compute exactly the same function: adapters disabled or merged, several active adapters,
-DoRA or another variant, a LoRA bias, dropout that is active, a base layer that is not a plain
-``nn.Linear``, mixed dtypes, or autocast. Models that recompute activations in backward (gradient
-checkpointing) keep peft's forward too, so the recomputed graph matches the first one.
+one would not compute the same function: adapters disabled or merged, several active adapters, DoRA or
+another variant, a LoRA bias, dropout that is active, a base layer that is not a plain ``nn.Linear``, or
+weights of mixed dtypes. Models that recompute activations in backward (gradient checkpointing) keep
+peft's forward too, so the recomputed graph matches the first one.
+
+Under autocast (bf16 or fp16) the layer computes in the autocast dtype, as peft's layers do there: the input
+and the weights are cast to it and the products run in it. Two things differ, both in the direction of
+fewer roundings: peft rounds ``u B^T``, its product by ``s`` and the sum to the low precision one after the
+other, where ``addmm`` rounds once; and a layer input shared by several LoRA layers (the query, key and value
+projections read one tensor, as do the gate and up projections) is cast once, not once per product. The
+tests bound both paths' error against a float64 evaluation of the same function. With its adapters off (a
+reference pass) a layer under autocast computes its base layer exactly as autocast does, only with that
+shared input cast once.
 
 >>> from peft import LoraConfig, get_peft_model
 >>> from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
@@ -34,6 +43,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LoraLinear", "fused_lora"]
@@ -95,21 +105,79 @@ def _plain_vanilla(layer: nn.Module, x: torch.Tensor) -> str | None:
     dropout = layer.lora_dropout[name]
     if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training))):
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    if not (base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype) or not x.dtype.is_floating_point:
         return None
-    if not (x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype) or not x.dtype.is_floating_point:
+    dtype = _autocast_dtype(x)
+    if dtype is None and x.dtype != base.weight.dtype:
         return None
+    if dtype is not None and not {x.dtype, base.weight.dtype} <= {torch.float32, dtype}:
+        return None  # autocast leaves other dtypes (float64) alone
     return name
 
 
-def _fused_forward(layer: nn.Module, original: Any):
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes linear layers in for ``x``'s device, or None when autocast is off there."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _base_only_under_autocast(layer: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype when ``layer`` computes its base layer alone (adapters off) under autocast, as a plain
+    ``nn.Linear`` of float32 weights; else None."""
+    base = layer.base_layer
+    if not layer.disable_adapters or layer.merged or type(base) is not nn.Linear:
+        return None
+    if base._forward_hooks or base._forward_pre_hooks:
+        return None
+    dtype = _autocast_dtype(x)
+    if dtype is None or not {x.dtype, base.weight.dtype} <= {torch.float32, dtype}:
+        return None
+    return dtype
+
+
+class _CastCache:
+    """The low-precision copy of the last layer input cast under autocast, reused while the same tensor (same
+    version, same grad mode) comes in again: the query, key and value projections read one input, as do the
+    gate and up projections. One entry; it holds the input itself, so its ``id`` cannot be reused meanwhile."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.source: torch.Tensor | None = None
+        self.cast: torch.Tensor | None = None
+
+    def get(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x
+        key = (id(x), x._version, x.requires_grad, torch.is_grad_enabled(), dtype)
+        if key != self.key or self.source is not x:
+            self.key, self.source, self.cast = key, x, x.to(dtype)
+        return self.cast
+
+    def clear(self) -> None:
+        self.key = self.source = self.cast = None
+
+
+def _fused_forward(layer: nn.Module, original: Any, cache: _CastCache):
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        name = None if args or kwargs else _plain_vanilla(layer, x)
-        if name is None:
+        if args or kwargs:
             return original(x, *args, **kwargs)
+        name = _plain_vanilla(layer, x)
+        if name is None:
+            dtype = _base_only_under_autocast(layer, x)
+            if dtype is None:
+                return original(x, *args, **kwargs)
+            # adapters off (a reference pass): the base layer as autocast computes it, the input cast once
+            base = layer.base_layer
+            return F.linear(cache.get(x, dtype), base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype))
         base = layer.base_layer
-        return LoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                                float(layer.scaling[name]))
+        weights = (base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight)
+        dtype = _autocast_dtype(x)
+        if dtype is not None:  # as autocast computes a linear layer: everything in its dtype
+            x = cache.get(x, dtype)
+            weights = tuple(None if w is None else w.to(dtype) for w in weights)
+        return LoraLinear.apply(x, *weights, float(layer.scaling[name]))
 
     return forward
 
@@ -134,10 +202,12 @@ def fused_lora(model: nn.Module) -> Iterator[int]:
         yield 0
         return
     layers = [m for m in _lora_linears(model) if "forward" not in m.__dict__]  # not already switched
+    cache = _CastCache()
     for m in layers:
-        m.forward = _fused_forward(m, m.forward)
+        m.forward = _fused_forward(m, m.forward, cache)
     try:
         yield len(layers)
     finally:
+        cache.clear()
         for m in layers:
             del m.forward
