@@ -13,7 +13,7 @@ COMMON=(--threads "${THREADS:-1}" --precision "${PRECISION:-auto}")
 if [ "${1:-}" != "report" ]; then
   bash bench/setup_trl112.sh
   # 1. DPO, KTO, Reward against TRL 1.16, alternating, 3 repeats
-  "$PY" bench/run.py --tasks dpo kto reward --repeats 3 --steps 1 --warmup 1 --batch 2 --max_length 512 --quick "${COMMON[@]}"
+  "$PY" bench/run.py --tasks dpo kto reward --repeats 3 --steps 3 --warmup 1 --batch 2 --max_length 512 --quick "${COMMON[@]}"
   # 2. PPO against TRL 1.12 (own venv), 4 prompts, 48 new tokens
   "$PY" bench/run.py --ppo --repeats "${PPO_REPEATS:-1}" --steps 1 --warmup 0 "${COMMON[@]}"
   # 3. peak memory against length, every sequence filling max_length
