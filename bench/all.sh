@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every benchmark result and docs/benchmarks.md (about 1.5 hours on 2 shared cores).
+# Regenerate every benchmark result and docs/benchmarks.md (about 40 minutes on the 2-core machine with bf16 units, 1.5 hours on the AVX2 one).
 #   bash bench/all.sh            # everything
 #   bash bench/all.sh report     # only rebuild docs/benchmarks.md from bench/results/*.json
 # Settings shared by every stage: the precision each library's default picks on this machine ("auto":
