@@ -11,7 +11,8 @@ undone for training, and it has two consequences for a model that is later train
 
 :func:`keep_4bit_weights_trainable` switches that re-layout off (the layers then run the same dequantize-and-
 matmul path in training and inference, as on every other CPU) and repairs layers that were re-laid out already.
-The library's loaders and trainers call it on every model they are given; it does nothing to other models.
+The library's loaders call it on every model they load, and the trainers on the models they train (DPO, KTO
+and SFT on their reference too); it does nothing to models without 4-bit layers.
 """
 
 from __future__ import annotations

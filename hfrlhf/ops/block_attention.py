@@ -50,8 +50,8 @@ def _pieces(x: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
 
 
 def _span(pieces: list[torch.Tensor], index: dict[int, int], start: int, end: int) -> list[torch.Tensor]:
-    """The pieces covering ``[start, end)`` (both are cut points)."""
-    return pieces[index[start] : index[end]] if end > start else []
+    """The pieces covering ``[start, end)`` (both are cut points; none when the span is empty)."""
+    return pieces[index[start] : index[end]]
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -107,34 +107,26 @@ def _plain_vanilla(layer: nn.Module, x: torch.Tensor) -> str | None:
         return None
     if not (base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype) or not x.dtype.is_floating_point:
         return None
-    dtype = _autocast_dtype(x)
-    if dtype is None and x.dtype != base.weight.dtype:
+    if _autocast_dtype(x, base.weight) is None and x.dtype != base.weight.dtype:
         return None
-    if dtype is not None and not {x.dtype, base.weight.dtype} <= {torch.float32, dtype}:
-        return None  # autocast leaves other dtypes (float64) alone
     return name
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast computes linear layers in for ``x``'s device, or None when autocast is off there."""
+def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes ``x`` times ``weight`` in on ``x``'s device; None when autocast is off there or
+    leaves these dtypes alone (it only lowers float32)."""
     device = x.device.type
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
         return None
-    return torch.get_autocast_dtype(device)
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if {x.dtype, weight.dtype} <= {torch.float32, dtype} else None
 
 
-def _base_only_under_autocast(layer: nn.Module, x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype when ``layer`` computes its base layer alone (adapters off) under autocast, as a plain
-    ``nn.Linear`` of float32 weights; else None."""
+def _base_only(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes its base layer alone (adapters off, not merged), a plain hook-free ``nn.Linear``."""
     base = layer.base_layer
-    if not layer.disable_adapters or layer.merged or type(base) is not nn.Linear:
-        return None
-    if base._forward_hooks or base._forward_pre_hooks:
-        return None
-    dtype = _autocast_dtype(x)
-    if dtype is None or not {x.dtype, base.weight.dtype} <= {torch.float32, dtype}:
-        return None
-    return dtype
+    return (layer.disable_adapters and not layer.merged and type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks))
 
 
 class _CastCache:
@@ -163,17 +155,15 @@ def _fused_forward(layer: nn.Module, original: Any, cache: _CastCache):
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs:
             return original(x, *args, **kwargs)
+        base = layer.base_layer
+        dtype = _autocast_dtype(x, base.weight)
         name = _plain_vanilla(layer, x)
         if name is None:
-            dtype = _base_only_under_autocast(layer, x)
-            if dtype is None:
+            if dtype is None or not _base_only(layer):
                 return original(x, *args, **kwargs)
             # adapters off (a reference pass): the base layer as autocast computes it, the input cast once
-            base = layer.base_layer
             return F.linear(cache.get(x, dtype), base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype))
-        base = layer.base_layer
         weights = (base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight)
-        dtype = _autocast_dtype(x)
         if dtype is not None:  # as autocast computes a linear layer: everything in its dtype
             x = cache.get(x, dtype)
             weights = tuple(None if w is None else w.to(dtype) for w in weights)
