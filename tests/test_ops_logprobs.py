@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.ops import logprobs
 from hfrlhf.ops.logprobs import batch_logprobs, linear_logprob, token_entropy
 
 
@@ -9,11 +10,16 @@ def _reference(h, w, t, temperature=1.0):
     return torch.log_softmax((h @ w.T) / temperature, -1).gather(1, t[:, None]).squeeze(1)
 
 
+@pytest.mark.parametrize("row_block_bytes", [None, 2 * 13 * 8])
 @pytest.mark.parametrize("frozen_head", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
-def test_linear_logprob_matches_full_softmax_and_its_gradients(chunk, temperature, frozen_head):
-    # frozen_head: the gradient for hidden is finished in forward (no recomputation in backward)
+def test_linear_logprob_matches_full_softmax_and_its_gradients(chunk, temperature, frozen_head, row_block_bytes,
+                                                                monkeypatch):
+    # frozen_head: the gradient for hidden is finished in forward (no recomputation in backward);
+    # row_block_bytes: the softmax passes walk two rows of a chunk at a time instead of the whole chunk
+    if row_block_bytes is not None:
+        monkeypatch.setattr(logprobs, "_ROW_BLOCK_BYTES", row_block_bytes)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
@@ -73,6 +79,27 @@ def test_bf16_autocast_is_close_to_fp32():
         low = linear_logprob(h, w, t)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, _reference(h, w, t), atol=0.15, rtol=0.02)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_row_blocks_give_the_same_bits_under_bf16_autocast(frozen_head, monkeypatch):
+    # bf16 logits, float32 softmax: walking a chunk a few rows at a time changes no arithmetic of any row
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(21, 32, generator=g, requires_grad=True)
+    w = (torch.randn(500, 32, generator=g) / 4).requires_grad_(not frozen_head)
+    t = torch.randint(0, 500, (21,), generator=g)
+    upstream = torch.randn(21, generator=g)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear_logprob(h, w, t, chunk_size=8, temperature=0.8)
+        grads = torch.autograd.grad((out * upstream).sum(), [h] if frozen_head else [h, w])
+        return [out.detach(), *grads]
+
+    whole = run()
+    monkeypatch.setattr(logprobs, "_ROW_BLOCK_BYTES", 3 * 500 * 4)  # three float32 rows per block
+    for a, b in zip(whole, run()):
+        assert torch.equal(a, b)
 
 
 def test_token_entropy_matches_definition():

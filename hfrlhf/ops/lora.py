@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hfrlhf.ops.casts import cast_weight
+
 __all__ = ["LoraLinear", "fused_lora"]
 
 
@@ -162,11 +164,12 @@ def _fused_forward(layer: nn.Module, original: Any, cache: _CastCache):
             if dtype is None or not _base_only(layer):
                 return original(x, *args, **kwargs)
             # adapters off (a reference pass): the base layer as autocast computes it, the input cast once
-            return F.linear(cache.get(x, dtype), base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype))
+            bias = None if base.bias is None else cast_weight(base.bias, dtype)
+            return F.linear(cache.get(x, dtype), cast_weight(base.weight, dtype), bias)
         weights = (base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight)
         if dtype is not None:  # as autocast computes a linear layer: everything in its dtype
             x = cache.get(x, dtype)
-            weights = tuple(None if w is None else w.to(dtype) for w in weights)
+            weights = tuple(None if w is None else cast_weight(w, dtype) for w in weights)
         return LoraLinear.apply(x, *weights, float(layer.scaling[name]))
 
     return forward

@@ -5,6 +5,7 @@ Trainers subclass :class:`HfrlhfTrainer` and only orchestrate.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -25,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hfrlhf.data.errors import DataError
 from hfrlhf.models.loading import bf16_supported
+from hfrlhf.ops.casts import shared_weight_casts
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,12 @@ class HfrlhfConfig(TrainingArguments):
         metadata={"help": "Batch layout: padded, packed (no padding) or shared_prompt (prompt once per pair).",
                   "choices": ["padded", "packed", "shared_prompt"]},
     )
+    max_tokens_per_row: int | None = field(
+        default=None,
+        metadata={"help": "Row capacity of the packed and shared_prompt layouts. packed: sequences per row (default: the "
+                          "longest sequence). shared_prompt: when set, prompts with their completions are packed "
+                          "several to a row (less padding; one longer attention per row); default: one per row."},
+    )
     logprob_chunk_size: int = field(
         default=1024, metadata={"help": "Scored tokens per chunk when computing log-probs over the vocabulary."}
     )
@@ -105,6 +113,8 @@ class HfrlhfConfig(TrainingArguments):
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
                 "to leave room for the completion"
             )
+        if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
+            raise ValueError(f"max_tokens_per_row must be positive, got {self.max_tokens_per_row}")
         if self.nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"nonfinite_loss must be 'skip' or 'raise', got {self.nonfinite_loss!r}")
         super().__post_init__()
@@ -362,6 +372,13 @@ class HfrlhfTrainer(Trainer):
         """Run compute_loss under the accelerator's autocast (bf16 on CPU too): our log-prob path calls the
         decoder directly, so the autocast that accelerate wraps around ``model.forward`` would not apply."""
         return self.accelerator.autocast()
+
+    def compute_loss_context_manager(self) -> contextlib.ExitStack:
+        """``Trainer``'s context around ``compute_loss`` (autocast), plus one low-precision copy per frozen weight
+        for all the forwards of the step (:mod:`hfrlhf.ops.casts`)."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(shared_weight_casts())
+        return stack
 
     # --- metrics ---------------------------------------------------------------------------------------------
     @property

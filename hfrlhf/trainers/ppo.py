@@ -46,6 +46,7 @@ from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from hfrlhf.models.quantized import keep_4bit_weights_trainable
 from hfrlhf.models.value import ActorCritic, attach_shared_lora, build_critic, unwrap
+from hfrlhf.ops.casts import cached_linear_casts, shared_weight_casts
 from hfrlhf.ops.kl import AdaptiveKLController, FixedKLController
 from hfrlhf.ops.masked import RunningMoments
 from hfrlhf.ops.rollout import (
@@ -295,7 +296,7 @@ class PPOTrainer(HfrlhfTrainer):
         """Stages 1-2: generate, cut after the first stop token, score at the last real token.
         Returns ``(responses, completions, batch, raw scores)``."""
         policy = unwrap(ac.policy)
-        with self._generation_progress(policy, prompt_ids.shape[0]):
+        with self._generation_progress(policy, prompt_ids.shape[0]), cached_linear_casts(policy):
             ids = generate(policy, prompt_ids, prompt_mask, self.generation_config)
         responses = truncate_at_stop(ids, self.stop_ids, self.pad_id)
         completions = self.processing_class.batch_decode(
@@ -457,7 +458,8 @@ class PPOTrainer(HfrlhfTrainer):
                 break
             self.model.train()
             self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
-            loss, grad_norm = self._ppo_step(model, inputs)
+            with shared_weight_casts():  # one low-precision copy of each frozen weight per iteration
+                loss, grad_norm = self._ppo_step(model, inputs)
             self._tr_loss += loss
             lr = self._get_learning_rate()
             self.lr_scheduler.step()
