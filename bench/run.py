@@ -91,8 +91,10 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     # the layouts side by side, under the same machine load (the cached reference is in the main table)
     "ablation": {"hfrlhf padded": ["--layout", "padded"], "hfrlhf packed": ["--layout", "packed"],
                  "hfrlhf shared_prompt": ["--layout", "shared_prompt"], "hfrlhf shared_prompt packed": PACK},
-    # KTO: each prompt once with its completions, the KL pairs in rows of their own without grad
-    "kto": {"trl": [], "hfrlhf": ["--layout", "shared_prompt"], "hfrlhf padded": ["--layout", "padded"]},
+    # KTO: each prompt once with its completions (prompt groups packed several to a row), the KL pairs in rows of
+    # their own without grad
+    "kto": {"trl": [], "hfrlhf": PACK, "hfrlhf shared_prompt": ["--layout", "shared_prompt"],
+            "hfrlhf padded": ["--layout", "padded"]},
     "reward": {"trl": [], "hfrlhf": PACK},
 }
 

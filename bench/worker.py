@@ -218,7 +218,7 @@ def build_trainer(a: argparse.Namespace, callbacks: list | None = None):
 
         if a.chunk:
             common["logprob_chunk_size"] = a.chunk
-        rows_cap = {"max_tokens_per_row": a.max_tokens_per_row} if a.task != "kto" else {}
+        rows_cap = {"max_tokens_per_row": a.max_tokens_per_row}
 
         if a.task == "dpo":
             cfg = T.DPOConfig(**common, **rows_cap, layout=a.layout, precompute_ref_log_probs=a.precompute_ref,
@@ -226,8 +226,7 @@ def build_trainer(a: argparse.Namespace, callbacks: list | None = None):
             trainer = T.DPOTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                                    callbacks=callbacks)
         elif a.task == "kto":
-            cfg = T.KTOConfig(**common, layout=a.layout,
-                              precompute_ref_log_probs=a.precompute_ref)
+            cfg = T.KTOConfig(**common, **rows_cap, layout=a.layout, precompute_ref_log_probs=a.precompute_ref)
             trainer = T.KTOTrainer(model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                                    callbacks=callbacks)
         else:

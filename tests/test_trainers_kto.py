@@ -91,15 +91,19 @@ def test_loss_equals_loss_function_on_plain_forwards(tmp_path, tok, data, loss_t
     assert loss == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
-def test_layouts_give_the_padded_loss(tmp_path, tok, data, layout):
+@pytest.mark.parametrize("layout, per_row", [("packed", None), ("shared_prompt", None), ("shared_prompt", 256)])
+def test_layouts_give_the_padded_loss(tmp_path, tok, data, layout, per_row):
+    # per_row: shared prompts packed several to a row (max_tokens_per_row)
     policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
     losses = {}
-    for lay in ("padded", layout):
-        trainer = KTOTrainer(policy, ref_model=ref, args=_args(tmp_path, layout=lay, beta=0.5), train_dataset=data,
-                             processing_class=tok)
+    for lay, cap in (("padded", None), (layout, per_row)):
+        trainer = KTOTrainer(policy, ref_model=ref, args=_args(tmp_path, layout=lay, beta=0.5, max_tokens_per_row=cap),
+                             train_dataset=data, processing_class=tok)
+        batch = trainer.data_collator(_rows(trainer.train_dataset))
+        if cap is not None:  # several sequences share a row
+            assert batch["input_ids"].shape[0] < batch["last_index"].shape[0]
         with torch.no_grad():
-            losses[lay] = trainer.compute_loss(trainer.model, trainer.data_collator(_rows(trainer.train_dataset))).item()
+            losses[lay] = trainer.compute_loss(trainer.model, batch).item()
     assert losses[layout] == pytest.approx(losses["padded"], abs=1e-5)
 
 
@@ -316,6 +320,7 @@ _DDP_SCRIPT = textwrap.dedent('''
             "logs": [h for h in trainer.state.log_history if "loss" in h],
         }))
     (out / f"seen{rank}.json").write_text(json.dumps(trainer.seen))
+    trainer.accelerator.end_training()  # destroys the process group: gloo threads left running can abort the exit
 ''')
 
 

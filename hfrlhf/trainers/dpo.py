@@ -90,12 +90,6 @@ class DPOConfig(HfrlhfConfig):
     f_alpha_divergence_coef: float = field(
         default=0.5, metadata={"help": "alpha of the alpha-divergence (f_divergence_type='alpha_divergence')."}
     )
-    max_tokens_per_row: int | None = field(
-        default=None,
-        metadata={"help": "Row capacity of the packed and shared_prompt layouts. packed: sequences per row (default: the "
-                          "longest sequence). shared_prompt: when set, prompts with their completions are packed "
-                          "several to a row (less padding; one longer attention per row); default: one per row."},
-    )
     loss_kwargs: dict[str, Any] | None = field(
         default=None,
         metadata={"help": "Deprecated: every loss hyperparameter is a field of this config; a key of loss_kwargs "

@@ -204,7 +204,8 @@ class KTOTrainer(HfrlhfTrainer):
         eval_dataset = prepare_eval_datasets(  # one dataset, or a dict of named ones
             eval_dataset, lambda data, name: self._prepare(data, processing_class, args, name))
 
-        collator_kw = dict(layout=args.layout, kl_pairs=self.uses_kl, pad_to_multiple_of=args.pad_to_multiple_of)
+        collator_kw = dict(layout=args.layout, kl_pairs=self.uses_kl, pad_to_multiple_of=args.pad_to_multiple_of,
+                           max_tokens_per_row=args.max_tokens_per_row)
         base_collator = data_collator or KTOCollator(processing_class.pad_token_id, **collator_kw)
         self._precompute_collator = KTOCollator(processing_class.pad_token_id, kl_source="row", **collator_kw)
 

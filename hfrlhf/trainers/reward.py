@@ -114,12 +114,6 @@ class RewardConfig(HfrlhfConfig):
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad the batch length up to a multiple of this."}
     )
-    max_tokens_per_row: int | None = field(
-        default=None,
-        metadata={"help": "Row capacity of the packed and shared_prompt layouts. packed: sequences per row (default: the "
-                          "longest sequence). shared_prompt: when set, prompts with their completions are packed "
-                          "several to a row (less padding; one longer attention per row); default: one per row."},
-    )
 
     def __post_init__(self) -> None:
         spec = get_loss("reward", self.loss_type)  # fails early on unknown names, listing the known ones

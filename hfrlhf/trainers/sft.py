@@ -124,7 +124,8 @@ class SFTTrainer(HfrlhfTrainer):
         eval_dataset = prepare_eval_datasets(  # one dataset, or a dict of named ones
             eval_dataset, lambda data, name: prepare_dataset(data, processing_class, args, kinds=("sft",), name=name))
         collator_cls = SFTCollator if args.completion_only_loss else WholeSequenceCollator
-        data_collator = data_collator or collator_cls(processing_class.pad_token_id, layout=args.layout)
+        data_collator = data_collator or collator_cls(processing_class.pad_token_id, layout=args.layout,
+                                                      max_tokens_per_row=args.max_tokens_per_row)
         super().__init__(
             model=model,
             args=args,
