@@ -24,6 +24,8 @@ _EXPORTS = {
     # trainer-side data helpers
     "KTOCollator": "hfrlhf.trainers.kto", "add_kl_partners": "hfrlhf.trainers.kto",
     "compute_accuracy": "hfrlhf.trainers.reward",
+    # training to a KL budget
+    "KLBudgetCallback": "hfrlhf.callbacks", "sample_kl": "hfrlhf.callbacks",
     # data
     "load_dataset": "hfrlhf.data.formats",
     "DataError": "hfrlhf.data.errors",

@@ -1,0 +1,185 @@
+"""Train to a KL budget: stop once the policy has moved a given number of nats away from its reference.
+
+How far a policy drifts from its reference in a fixed number of steps depends on the data, the seed and the
+method, so a step count chosen on one run can land well under or over a KL budget on the next.
+:class:`KLBudgetCallback` measures the drift while training: every ``every_n_steps`` optimizer steps it samples
+completions of a fixed set of prompts from the policy and estimates
+
+    KL(policy || reference) = E_{y ~ policy} [ log policy(y | x) - log reference(y | x) ]
+
+on them (summed over the completion's tokens, both log-probs at the sampling temperature), logs it as
+``kl_budget/kl``, and stops training once it reaches ``max_kl``. The reference is the policy with its LoRA
+adapter disabled, or an explicit ``ref_model``. Use prompts the evaluation will not see.
+
+It works with every trainer here (DPO, KTO, SFT, PPO: for PPO the policy inside the trainer's actor-critic
+module). Every process estimates on the same prompts with the same seed, so all of them stop at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from hfrlhf.data.collators import PromptCollator
+from hfrlhf.ops.casts import cached_linear_casts, shared_weight_casts
+from hfrlhf.ops.logprobs import batch_logprobs
+from hfrlhf.ops.rollout import (
+    generate,
+    make_generation_config,
+    reference_logps,
+    sequence_batch,
+    truncate_at_stop,
+)
+
+__all__ = ["KLBudgetCallback", "sample_kl"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
+    """Token ids of each prompt, tokenized as the trainers tokenize prompt-only data (chat messages through the
+    chat template with the generation prompt, or raw text)."""
+    from datasets import Dataset
+
+    from hfrlhf.data.tokenize import tokenize_dataset
+
+    rows = Dataset.from_list([{"prompt": p} for p in prompts])
+    return list(tokenize_dataset(rows, tokenizer, kind="prompt", source="KLBudgetCallback prompts")["prompt_ids"])
+
+
+@torch.no_grad()
+def sample_kl(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    *,
+    ref_model: nn.Module | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """``(len(prompts),)`` per-sample estimates of KL(policy || reference), one completion per prompt.
+
+    ``prompts`` are chat message lists or raw text, tokenized as prompt-only training data is.
+    Each completion is sampled from ``model`` at ``temperature`` and stops at the tokenizer's EOS token; its
+    estimate is ``sum_t log p(y_t) - log q(y_t)`` over its tokens, both at ``temperature`` and from one teacher-forced
+    pass each (so a policy equal to its reference gives exactly 0), ``q`` being
+    ``ref_model`` or ``model`` with its adapters disabled. The mean is an unbiased estimate of the KL. The random
+    stream restarts from ``seed`` and is restored afterwards; ``bf16`` samples under bf16 autocast.
+    """
+    policy = _unwrap(model)
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    stops = [tokenizer.eos_token_id]
+    config = make_generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=None, top_p=1.0,
+                                    stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id)
+    collate = PromptCollator(tokenizer.pad_token_id)
+    prompt_ids = _prompt_ids(tokenizer, prompts)
+    out = []
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+            torch.manual_seed(seed)
+            stack.enter_context(shared_weight_casts())
+            stack.enter_context(cached_linear_casts(policy))
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
+            for start in range(0, len(prompts), batch_size):
+                prompt_batch = collate([{"prompt_ids": p} for p in prompt_ids[start:start + batch_size]])
+                ids, mask = prompt_batch["input_ids"].to(device), prompt_batch["attention_mask"].to(device)
+                responses = truncate_at_stop(generate(policy, ids, mask, config), stops, tokenizer.pad_token_id)
+                batch = sequence_batch(ids, mask, responses, tokenizer.pad_token_id)
+                # both log-probs from the same teacher-forced computation: a policy equal to its reference gives 0
+                token_kl = (batch_logprobs(policy, batch, temperature=temperature).token_logps
+                            - reference_logps(policy, batch, ref_model, temperature=temperature))  # (N,) scored tokens
+                seq_kl = torch.zeros(len(prompt_batch["input_ids"]), dtype=torch.float64, device=device)
+                out.append(seq_kl.index_add_(0, batch["target_seq"], token_kl.double()))
+    finally:
+        policy.train(was_training)
+    return torch.cat(out).float()
+
+
+class KLBudgetCallback(TrainerCallback):
+    """Stop training when the policy's KL from its reference, estimated on samples, reaches ``max_kl`` nats.
+
+    Args:
+        prompts: prompts to sample on, as in prompt-only data (chat message lists, or raw text); not the
+            evaluation's.
+        tokenizer: the policy's tokenizer (default: the trainer's ``processing_class``).
+        max_kl: the budget, in nats per completion (summed over its tokens).
+        every_n_steps: optimizer steps between two estimates.
+        first_step: the first step estimated (before it the policy is assumed inside the budget).
+        ref_model: an explicit reference (default: the policy with its adapters disabled).
+        max_new_tokens, temperature, batch_size, seed: sampling settings; use the evaluation's.
+
+    ``estimates`` keeps ``(step, kl)`` of every estimate; ``stopped_at`` the step training stopped at, if it did.
+
+    >>> cb = KLBudgetCallback(["Say hi."], max_kl=8.0, every_n_steps=2, first_step=10)
+    >>> [step for step in range(1, 15) if cb.due(step)]
+    [10, 12, 14]
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[Any],
+        tokenizer: Any = None,
+        *,
+        max_kl: float,
+        every_n_steps: int = 1,
+        first_step: int = 1,
+        ref_model: nn.Module | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        if not prompts:
+            raise ValueError("KLBudgetCallback needs at least one prompt")
+        if max_kl <= 0 or every_n_steps < 1 or first_step < 1:
+            raise ValueError(f"need max_kl > 0, every_n_steps >= 1 and first_step >= 1, got {max_kl}, "
+                             f"{every_n_steps} and {first_step}")
+        self.prompts = list(prompts)
+        self.tokenizer = tokenizer
+        self.max_kl = float(max_kl)
+        self.every_n_steps = every_n_steps
+        self.first_step = first_step
+        self.ref_model = ref_model
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
+        self.estimates: list[tuple[int, float]] = []
+        self.stopped_at: int | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether the KL is estimated after optimizer step ``step``."""
+        return step >= self.first_step and (step - self.first_step) % self.every_n_steps == 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                    processing_class: Any = None, **kwargs: Any) -> Any:
+        if model is None or not self.due(state.global_step):
+            return control
+        tokenizer = self.tokenizer or processing_class
+        if tokenizer is None:
+            raise ValueError("KLBudgetCallback needs a tokenizer: pass tokenizer= or give the trainer processing_class")
+        policy = getattr(_unwrap(model), "policy", model)  # PPO's actor-critic module holds the policy
+        kl = float(sample_kl(policy, tokenizer, self.prompts, ref_model=self.ref_model, bf16=bool(args.bf16),
+                             **self.sampling).mean())
+        self.estimates.append((state.global_step, kl))
+        state.log_history.append({"kl_budget/kl": kl, "step": state.global_step})
+        logger.info("step %d: KL from the reference %.2f nats (budget %.2f)", state.global_step, kl, self.max_kl)
+        if kl >= self.max_kl:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+        return control

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+
+from hfrlhf.callbacks import KLBudgetCallback, _prompt_ids, sample_kl
+from hfrlhf.data.collators import PromptCollator
+from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from hfrlhf.ops.rollout import generate, make_generation_config, truncate_at_stop
+from hfrlhf.trainers.dpo import DPOConfig, DPOTrainer
+
+PROMPTS = [[{"role": "user", "content": text}] for text in ("Review the film.", "Count to three.", "Say hello.")]
+PAIRS = [{"prompt": p, "chosen": [{"role": "assistant", "content": "I loved it, wonderful."}],
+          "rejected": [{"role": "assistant", "content": "Boring and bad."}]} for p in PROMPTS] * 2
+
+
+def _peft(tok, seed=1, b_std=0.0):
+    model = get_peft_model(build_tiny_llama(tok, seed=seed), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    if b_std:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=b_std, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def _by_hand(model, ref, tok, prompt, completion_ids, temperature):
+    """KL term of one sample from plain full-vocabulary forwards: sum_t log p - log q at the temperature."""
+    prompt_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok(prompt_ids, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    n = len(prompt_ids)
+
+    def logp(m):
+        logits = m(input_ids=ids).logits[0, n - 1:-1].double() / temperature
+        return torch.log_softmax(logits, -1).gather(1, ids[0, n:, None]).sum()
+
+    return float(logp(model) - logp(ref))
+
+
+def test_sample_kl_is_zero_for_the_reference_itself_and_matches_plain_forwards():
+    tok = build_tiny_tokenizer()
+    fresh = _peft(tok)  # LoRA B = 0: the policy is its reference
+    assert torch.equal(sample_kl(fresh, tok, PROMPTS, max_new_tokens=8), torch.zeros(len(PROMPTS)))
+
+    policy, ref = _peft(tok, b_std=0.3), build_tiny_llama(tok, seed=1)
+    kl = sample_kl(policy, tok, PROMPTS, max_new_tokens=8, temperature=0.7, seed=3)
+    kl_explicit = sample_kl(policy, tok, PROMPTS, ref_model=ref, max_new_tokens=8, temperature=0.7, seed=3)
+    torch.testing.assert_close(kl, kl_explicit, atol=1e-5, rtol=0)  # adapter off == the base model
+    assert kl.abs().max() > 0.01
+
+    # the same samples again (same seed, the same batch of prompts), scored by hand
+    batch = PromptCollator(tok.pad_token_id)([{"prompt_ids": p} for p in _prompt_ids(tok, PROMPTS)])
+    torch.manual_seed(3)
+    config = make_generation_config(max_new_tokens=8, temperature=0.7, top_k=None, top_p=1.0,
+                                    stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    policy.eval()
+    out = truncate_at_stop(generate(policy, batch["input_ids"], batch["attention_mask"], config), [tok.eos_token_id],
+                           tok.pad_token_id)
+    with torch.no_grad():
+        expected = [_by_hand(policy, ref, tok, p, out.ids[i, :out.lengths[i]].tolist(), 0.7)
+                    for i, p in enumerate(PROMPTS)]
+    torch.testing.assert_close(kl.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+
+
+def test_training_stops_at_the_first_estimate_over_the_budget(tmp_path):
+    tok = build_tiny_tokenizer()
+    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=2, first_step=2, max_new_tokens=8)
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", bf16=False, use_cpu=True,
+                     per_device_train_batch_size=3, max_steps=40, learning_rate=5e-2, logging_steps=1,
+                     disable_tqdm=True, seed=0, max_length=48, beta=0.1)
+    trainer = DPOTrainer(build_tiny_llama(tok, seed=1), args=args, train_dataset=Dataset.from_list(PAIRS),
+                         processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                         callbacks=[budget])
+    trainer.train()
+    steps = [s for s, _ in budget.estimates]
+    kls = [k for _, k in budget.estimates]
+    assert budget.stopped_at is not None and trainer.state.global_step == budget.stopped_at < 40
+    assert steps == list(range(2, budget.stopped_at + 1, 2))
+    assert kls[-1] >= 0.5 and all(k < 0.5 for k in kls[:-1])
+    logged = [h["kl_budget/kl"] for h in trainer.state.log_history if "kl_budget/kl" in h]
+    assert logged == kls
+    # the last estimate is the KL of the policy training stopped with
+    final = float(sample_kl(trainer.model, tok, PROMPTS, max_new_tokens=8).mean())
+    assert final == pytest.approx(kls[-1], abs=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_kl=0.0), dict(max_kl=1.0, every_n_steps=0), dict(max_kl=1.0, first_step=0)])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="max_kl > 0"):
+        KLBudgetCallback(PROMPTS, **kwargs)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        KLBudgetCallback([], max_kl=1.0)
