@@ -330,6 +330,24 @@ def test_eval_at_evaluates_the_weights_of_earlier_steps(tmp_path, monkeypatch):
     assert m["at_step"][1]["kl"] != pytest.approx(m["at_step"][2]["kl"], abs=1e-6)
 
 
+def test_kl_budget_stops_each_policy_at_its_first_estimate_over_the_budget(tmp_path):
+    """With a KL budget, a policy trains until its KL estimated on the unseen-topic development prompts reaches it
+    (max_steps only caps the run); the estimates and the step it stopped at are in the results."""
+    exp = _tiny_experiment(tmp_path)
+    exp.methods = {"dpo": exp.methods["dpo"], "ppo_gold": exp.methods["ppo_gold"]}
+    exp.methods["dpo"].config.update(max_steps=30, learning_rate=5e-2)
+    exp.methods["ppo_gold"].config.update(max_steps=3)
+    exp.kl_budget, exp.kl_budget_every, exp.kl_budget_prompts = 0.5, 1, prompts.unseen_dev_prompts(4)
+    methods = runner.run(exp, log=lambda s: None)["methods"]
+    dpo = methods["dpo"]["kl_budget"]
+    kls = [kl for _, kl in dpo["estimates"]]
+    assert dpo["max_kl"] == 0.5 and dpo["stopped_at"] == dpo["steps"] < 30
+    assert [step for step, _ in dpo["estimates"]] == list(range(10, dpo["steps"] + 1))  # from max_steps // 3 on
+    assert kls[-1] >= 0.5 and all(k < 0.5 for k in kls[:-1])
+    ppo = methods["ppo_gold"]["kl_budget"]  # PPO's steps are rollouts; a 3-rollout cap: estimated at 1, 2, 3
+    assert [step for step, _ in ppo["estimates"]][:1] == [1] and ppo["steps"] <= 3
+
+
 def test_unseen_dev_prompts_share_nothing_with_training_or_held_out_topics():
     dev = prompts.unseen_dev_prompts()
     assert len(dev) == len(set(dev)) == 60

@@ -132,6 +132,12 @@ class Experiment:
     lora_layers: int | None = LORA_LAYERS  # LoRA on the last ``lora_layers`` decoder layers (None: all)
     reward_scale: float = 1.0  # learned-reward units per gold unit, set when the reward model is trained
     eval_at: tuple[int, ...] = ()  # also evaluate each policy as it was after these training steps (development)
+    # train each policy to a KL budget instead of a fixed step count: stop once KL(policy || reference), estimated
+    # every kl_budget_every steps on one sample of each unseen-topic development prompt, reaches kl_budget nats
+    # (the settings' max_steps then only cap the training); None: fixed step counts
+    kl_budget: float | None = None
+    kl_budget_every: int = 2
+    kl_budget_prompts: list[str] = field(default_factory=unseen_dev_prompts)
 
 
 def _bundled_policy() -> tuple[Any, Any]:
@@ -328,10 +334,23 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
     snapshots = _Snapshots(exp.eval_at, trainer.model) if exp.eval_at else None
     if snapshots is not None:
         trainer.add_callback(snapshots)
+    budget = None
+    if exp.kl_budget is not None:
+        from hfrlhf.callbacks import KLBudgetCallback
+
+        g = exp.generation
+        budget = KLBudgetCallback([as_messages(p) for p in exp.kl_budget_prompts], tokenizer, max_kl=exp.kl_budget,
+                                  every_n_steps=exp.kl_budget_every, first_step=max(1, settings.get("max_steps", 3) // 3),
+                                  max_new_tokens=g.max_new_tokens, temperature=g.temperature, batch_size=g.batch_size,
+                                  seed=exp.seed)
+        trainer.add_callback(budget)
     trainer.train()
     trainer.save_model()  # the LoRA adapter (safetensors), its config and the tokenizer, in settings["output_dir"]
     policy = trainer.model.policy if method.trainer == "ppo" else trainer.model
     policy.hfrlhf_snapshots = snapshots
+    policy.hfrlhf_kl_budget = None if budget is None else {
+        "max_kl": budget.max_kl, "estimates": budget.estimates, "stopped_at": budget.stopped_at,
+        "steps": trainer.state.global_step}
     logs = [h for h in trainer.state.log_history if "loss" in h or "objective/scores" in h]
     return policy, tokenizer, logs
 
@@ -402,6 +421,10 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         del metrics["completions"], metrics["scores"]
         if method.trainer == "ppo" and method.reward == "model" and "kl_coef" in method.config:
             metrics["kl_coef_used"] = method.config["kl_coef"] * exp.reward_scale
+        if getattr(policy, "hfrlhf_kl_budget", None) is not None:
+            metrics["kl_budget"] = policy.hfrlhf_kl_budget
+            log(f"[{name}] KL budget {exp.kl_budget}: estimates {policy.hfrlhf_kl_budget['estimates']}, trained "
+                f"{policy.hfrlhf_kl_budget['steps']} steps")
         snapshots = getattr(policy, "hfrlhf_snapshots", None)
         if snapshots is not None:  # the same policy earlier in its training (development runs)
             metrics["at_step"] = {}
@@ -573,6 +596,7 @@ def _run_workers(args: argparse.Namespace, groups: list[list[str]], output_dir: 
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--dev", args.dev] if args.dev else []
         cmd += ["--eval_at", args.eval_at] if args.eval_at else []
+        cmd += ["--kl_budget", str(args.kl_budget), "--kl_budget_every", str(args.kl_budget_every)] if args.kl_budget else []
         for item in args.set:
             cmd += ["--set", item]
         procs.append(subprocess.Popen(cmd))
@@ -606,6 +630,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "or 'unseen' (topics neither trained on nor held out, shifted like the held-out prompts)")
     parser.add_argument("--eval_at", default="", help="development: also evaluate each policy after these training "
                         "steps (comma-separated), from the same run")
+    parser.add_argument("--kl_budget", type=float, default=None, help="train each policy until its KL from the "
+                        "reference, estimated every --kl_budget_every steps on the unseen-topic development prompts, "
+                        "reaches this many nats (max_steps then caps the training)")
+    parser.add_argument("--kl_budget_every", type=int, default=2, help="steps between two KL estimates")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="change one setting of one method (repeatable), e.g. dpo.learning_rate=2e-4")
     parser.add_argument("--workers", type=int, default=2, help="processes the methods are spread over (default 2: "
@@ -640,6 +668,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ValueError:
             parser.error(f"--eval_at {args.eval_at!r}: expected comma-separated step numbers, e.g. 24,28,32")
     evaluation["lora_layers"] = args.lora_layers or None
+    if args.kl_budget is not None:
+        evaluation.update(kl_budget=args.kl_budget, kl_budget_every=args.kl_budget_every)
     if args.reduced:
         evaluation.setdefault("eval_prompts", held_out_prompts()[:REDUCED_EVAL_PROMPTS])
         exp = Experiment(seed=args.seed, methods=apply_settings(REDUCED, args.set), eval_samples=1,
