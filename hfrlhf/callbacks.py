@@ -27,6 +27,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from hfrlhf.data.collators import PromptCollator
+from hfrlhf.models.value import unwrap
 from hfrlhf.ops.casts import cached_linear_casts, shared_weight_casts
 from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.ops.rollout import (
@@ -40,12 +41,6 @@ from hfrlhf.ops.rollout import (
 __all__ = ["KLBudgetCallback", "sample_kl"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def _prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
@@ -81,7 +76,7 @@ def sample_kl(
     ``ref_model`` or ``model`` with its adapters disabled. The mean is an unbiased estimate of the KL. The random
     stream restarts from ``seed`` and is restored afterwards; ``bf16`` samples under bf16 autocast.
     """
-    policy = _unwrap(model)
+    policy = unwrap(model)
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
@@ -173,7 +168,7 @@ class KLBudgetCallback(TrainerCallback):
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:
             raise ValueError("KLBudgetCallback needs a tokenizer: pass tokenizer= or give the trainer processing_class")
-        policy = getattr(_unwrap(model), "policy", model)  # PPO's actor-critic module holds the policy
+        policy = getattr(unwrap(model), "policy", model)  # PPO's actor-critic module holds the policy
         kl = float(sample_kl(policy, tokenizer, self.prompts, ref_model=self.ref_model, bf16=bool(args.bf16),
                              **self.sampling).mean())
         self.estimates.append((state.global_step, kl))
