@@ -8,7 +8,8 @@ completions of a fixed set of prompts from the policy and estimates
     KL(policy || reference) = E_{y ~ policy} [ log policy(y | x) - log reference(y | x) ]
 
 on them (summed over the completion's tokens, both log-probs at the sampling temperature), logs it as
-``kl_budget/kl``, and stops training once it reaches ``max_kl``. The reference is the policy with its LoRA
+``kl_budget/kl``, and stops training once it reaches ``max_kl``, by default putting back the weights of the last
+estimate under the budget. The reference is the policy with its LoRA
 adapter disabled, or an explicit ``ref_model``. Use prompts the evaluation will not see.
 
 It works with every trainer here (DPO, KTO, SFT, PPO: for PPO the policy inside the trainer's actor-critic
@@ -119,9 +120,13 @@ class KLBudgetCallback(TrainerCallback):
         every_n_steps: optimizer steps between two estimates.
         first_step: the first step estimated (before it the policy is assumed inside the budget).
         ref_model: an explicit reference (default: the policy with its adapters disabled).
+        rollback: when an estimate reaches the budget, put back the trainable weights of the last estimate under it
+            (kept in memory at each estimate; LoRA adapters are small), so the trained model is the last one known
+            to be inside the budget. Without it the model stays as it was at the estimate over the budget.
         max_new_tokens, temperature, batch_size, seed: sampling settings; use the evaluation's.
 
-    ``estimates`` keeps ``(step, kl)`` of every estimate; ``stopped_at`` the step training stopped at, if it did.
+    ``estimates`` keeps ``(step, kl)`` of every estimate; ``stopped_at`` the step training stopped at, if it did;
+    ``kept_step`` the step whose weights the model ends with after a rollback (0: the weights before training).
 
     >>> cb = KLBudgetCallback(["Say hi."], max_kl=8.0, every_n_steps=2, first_step=10)
     >>> [step for step in range(1, 15) if cb.due(step)]
@@ -137,6 +142,7 @@ class KLBudgetCallback(TrainerCallback):
         every_n_steps: int = 1,
         first_step: int = 1,
         ref_model: nn.Module | None = None,
+        rollback: bool = True,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         batch_size: int = 16,
@@ -153,13 +159,27 @@ class KLBudgetCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.first_step = first_step
         self.ref_model = ref_model
+        self.rollback = rollback
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
         self.estimates: list[tuple[int, float]] = []
         self.stopped_at: int | None = None
+        self.kept_step: int | None = None
+        self._kept: dict[str, torch.Tensor] | None = None  # trainable weights at the last estimate under the budget
+        self._kept_at = 0
 
     def due(self, step: int) -> bool:
         """Whether the KL is estimated after optimizer step ``step``."""
         return step >= self.first_step and (step - self.first_step) % self.every_n_steps == 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       **kwargs: Any) -> Any:
+        if self.rollback and model is not None:  # the weights before training are inside any budget
+            self._keep(model, state.global_step)
+        return control
+
+    def _keep(self, model: nn.Module, step: int) -> None:
+        self._kept = {k: v.detach().clone() for k, v in unwrap(model).named_parameters() if v.requires_grad}
+        self._kept_at = step
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                     processing_class: Any = None, **kwargs: Any) -> Any:
@@ -174,7 +194,18 @@ class KLBudgetCallback(TrainerCallback):
         self.estimates.append((state.global_step, kl))
         state.log_history.append({"kl_budget/kl": kl, "step": state.global_step})
         logger.info("step %d: KL from the reference %.2f nats (budget %.2f)", state.global_step, kl, self.max_kl)
-        if kl >= self.max_kl:
-            self.stopped_at = state.global_step
-            control.should_training_stop = True
+        if kl < self.max_kl:
+            if self.rollback:
+                self._keep(model, state.global_step)
+            return control
+        self.stopped_at = state.global_step
+        control.should_training_stop = True
+        if self.rollback and self._kept is not None:
+            with torch.no_grad():
+                for k, v in unwrap(model).named_parameters():
+                    if k in self._kept:
+                        v.copy_(self._kept[k])
+            self.kept_step = self._kept_at
+            state.log_history.append({"kl_budget/kept_step": self._kept_at, "step": state.global_step})
+            logger.info("KL budget reached: weights of step %d put back", self._kept_at)
         return control

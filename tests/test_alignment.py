@@ -344,6 +344,7 @@ def test_kl_budget_stops_each_policy_at_its_first_estimate_over_the_budget(tmp_p
     assert dpo["max_kl"] == 0.5 and dpo["stopped_at"] == dpo["steps"] < 30
     assert [step for step, _ in dpo["estimates"]] == list(range(10, dpo["steps"] + 1))  # from max_steps // 3 on
     assert kls[-1] >= 0.5 and all(k < 0.5 for k in kls[:-1])
+    assert dpo["kept_step"] == (dpo["estimates"][-2][0] if len(kls) > 1 else 0)  # the last weights inside it
     ppo = methods["ppo_gold"]["kl_budget"]  # PPO's steps are rollouts; a 3-rollout cap: estimated at 1, 2, 3
     assert [step for step, _ in ppo["estimates"]][:1] == [1] and ppo["steps"] <= 3
 

@@ -63,9 +63,10 @@ def test_sample_kl_is_zero_for_the_reference_itself_and_matches_plain_forwards()
     torch.testing.assert_close(kl.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-4)
 
 
-def test_training_stops_at_the_first_estimate_over_the_budget(tmp_path):
+@pytest.mark.parametrize("rollback", [True, False])
+def test_training_stops_at_the_first_estimate_over_the_budget(tmp_path, rollback):
     tok = build_tiny_tokenizer()
-    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=2, first_step=2, max_new_tokens=8)
+    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=2, first_step=2, max_new_tokens=8, rollback=rollback)
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", bf16=False, use_cpu=True,
                      per_device_train_batch_size=3, max_steps=40, learning_rate=5e-2, logging_steps=1,
                      disable_tqdm=True, seed=0, max_length=48, beta=0.1)
@@ -76,13 +77,30 @@ def test_training_stops_at_the_first_estimate_over_the_budget(tmp_path):
     steps = [s for s, _ in budget.estimates]
     kls = [k for _, k in budget.estimates]
     assert budget.stopped_at is not None and trainer.state.global_step == budget.stopped_at < 40
-    assert steps == list(range(2, budget.stopped_at + 1, 2))
+    assert steps == list(range(2, budget.stopped_at + 1, 2)) and len(steps) >= 2
     assert kls[-1] >= 0.5 and all(k < 0.5 for k in kls[:-1])
     logged = [h["kl_budget/kl"] for h in trainer.state.log_history if "kl_budget/kl" in h]
     assert logged == kls
-    # the last estimate is the KL of the policy training stopped with
+    # the model training ends with: the last one under the budget (rollback), or the one that went over it
     final = float(sample_kl(trainer.model, tok, PROMPTS, max_new_tokens=8).mean())
-    assert final == pytest.approx(kls[-1], abs=1e-5)
+    if rollback:
+        assert budget.kept_step == steps[-2] and final == pytest.approx(kls[-2], abs=1e-5)
+    else:
+        assert budget.kept_step is None and final == pytest.approx(kls[-1], abs=1e-5)
+
+
+def test_rollback_before_the_first_estimate_under_the_budget_restores_the_initial_weights(tmp_path):
+    tok = build_tiny_tokenizer()
+    budget = KLBudgetCallback(PROMPTS, max_kl=1e-6, first_step=1, max_new_tokens=8)
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", bf16=False, use_cpu=True,
+                     per_device_train_batch_size=3, max_steps=5, learning_rate=5e-2, disable_tqdm=True, seed=0,
+                     max_length=48)
+    trainer = DPOTrainer(build_tiny_llama(tok, seed=1), args=args, train_dataset=Dataset.from_list(PAIRS),
+                         processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                         callbacks=[budget])
+    trainer.train()
+    assert budget.stopped_at == 1 and budget.kept_step == 0
+    assert torch.equal(sample_kl(trainer.model, tok, PROMPTS, max_new_tokens=8), torch.zeros(len(PROMPTS)))
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_kl=0.0), dict(max_kl=1.0, every_n_steps=0), dict(max_kl=1.0, first_step=0)])

@@ -350,7 +350,7 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
     policy.hfrlhf_snapshots = snapshots
     policy.hfrlhf_kl_budget = None if budget is None else {
         "max_kl": budget.max_kl, "estimates": budget.estimates, "stopped_at": budget.stopped_at,
-        "steps": trainer.state.global_step}
+        "kept_step": budget.kept_step, "steps": trainer.state.global_step}
     logs = [h for h in trainer.state.log_history if "loss" in h or "objective/scores" in h]
     return policy, tokenizer, logs
 
@@ -424,7 +424,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         if getattr(policy, "hfrlhf_kl_budget", None) is not None:
             metrics["kl_budget"] = policy.hfrlhf_kl_budget
             log(f"[{name}] KL budget {exp.kl_budget}: estimates {policy.hfrlhf_kl_budget['estimates']}, trained "
-                f"{policy.hfrlhf_kl_budget['steps']} steps")
+                f"{policy.hfrlhf_kl_budget['steps']} steps, weights of step {policy.hfrlhf_kl_budget['kept_step']} kept")
         snapshots = getattr(policy, "hfrlhf_snapshots", None)
         if snapshots is not None:  # the same policy earlier in its training (development runs)
             metrics["at_step"] = {}
