@@ -77,6 +77,14 @@ def sample_kl(
     ``ref_model`` or ``model`` with its adapters disabled. The mean is an unbiased estimate of the KL. The random
     stream restarts from ``seed`` and is restored afterwards; ``bf16`` samples under bf16 autocast.
     """
+    return _sample_kl(model, tokenizer, _prompt_ids(tokenizer, prompts), ref_model=ref_model,
+                      max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed, bf16=bf16)
+
+
+@torch.no_grad()
+def _sample_kl(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, ref_model: nn.Module | None,
+               max_new_tokens: int, temperature: float, batch_size: int, seed: int, bf16: bool) -> torch.Tensor:
+    """:func:`sample_kl` on prompts already tokenized."""
     policy = unwrap(model)
     device = next(policy.parameters()).device
     was_training = policy.training
@@ -85,7 +93,6 @@ def sample_kl(
     config = make_generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=None, top_p=1.0,
                                     stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id)
     collate = PromptCollator(tokenizer.pad_token_id)
-    prompt_ids = _prompt_ids(tokenizer, prompts)
     out = []
     try:
         with ExitStack() as stack:
@@ -94,7 +101,7 @@ def sample_kl(
             stack.enter_context(shared_weight_casts())
             stack.enter_context(cached_linear_casts(policy))
             stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
-            for start in range(0, len(prompts), batch_size):
+            for start in range(0, len(prompt_ids), batch_size):
                 prompt_batch = collate([{"prompt_ids": p} for p in prompt_ids[start:start + batch_size]])
                 ids, mask = prompt_batch["input_ids"].to(device), prompt_batch["attention_mask"].to(device)
                 responses = truncate_at_stop(generate(policy, ids, mask, config), stops, tokenizer.pad_token_id)
@@ -166,6 +173,7 @@ class KLBudgetCallback(TrainerCallback):
         self.kept_step: int | None = None
         self._kept: dict[str, torch.Tensor] | None = None  # trainable weights at the last estimate under the budget
         self._kept_at = 0
+        self._prompt_ids: list[list[int]] | None = None  # tokenized at the first estimate
 
     def due(self, step: int) -> bool:
         """Whether the KL is estimated after optimizer step ``step``."""
@@ -189,8 +197,10 @@ class KLBudgetCallback(TrainerCallback):
         if tokenizer is None:
             raise ValueError("KLBudgetCallback needs a tokenizer: pass tokenizer= or give the trainer processing_class")
         policy = getattr(unwrap(model), "policy", model)  # PPO's actor-critic module holds the policy
-        kl = float(sample_kl(policy, tokenizer, self.prompts, ref_model=self.ref_model, bf16=bool(args.bf16),
-                             **self.sampling).mean())
+        if self._prompt_ids is None:
+            self._prompt_ids = _prompt_ids(tokenizer, self.prompts)
+        kl = float(_sample_kl(policy, tokenizer, self._prompt_ids, ref_model=self.ref_model, bf16=bool(args.bf16),
+                              **self.sampling).mean())
         self.estimates.append((state.global_step, kl))
         state.log_history.append({"kl_budget/kl": kl, "step": state.global_step})
         logger.info("step %d: KL from the reference %.2f nats (budget %.2f)", state.global_step, kl, self.max_kl)
