@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["cached_linear_casts", "cast_weight", "shared_weight_casts"]
+__all__ = ["autocast_dtype", "cached_linear_casts", "cast_weight", "shared_weight_casts"]
 
 _scope: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, torch.Tensor]] | None = None
 
@@ -64,13 +64,20 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
+def autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes ``x`` times ``weight`` in on ``x``'s device; None when autocast is off there or
+    leaves these dtypes alone (it only lowers float32)."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if {x.dtype, weight.dtype} <= {torch.float32, dtype} else None
+
+
 def _cached_linear_forward(layer: nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-            return F.linear(x, layer.weight, layer.bias)
-        dtype = torch.get_autocast_dtype(device)
-        if layer.weight.dtype != torch.float32:  # autocast only lowers float32
+        dtype = autocast_dtype(x, layer.weight)
+        if dtype is None:
             return F.linear(x, layer.weight, layer.bias)
         bias = None if layer.bias is None else cast_weight(layer.bias, dtype)
         return F.linear(x, cast_weight(layer.weight, dtype), bias)  # autocast casts x as it would anyway

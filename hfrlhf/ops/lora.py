@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfrlhf.ops.casts import cast_weight
+from hfrlhf.ops.casts import autocast_dtype, cast_weight
 
 __all__ = ["LoraLinear", "fused_lora"]
 
@@ -109,19 +109,9 @@ def _plain_vanilla(layer: nn.Module, x: torch.Tensor) -> str | None:
         return None
     if not (base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype) or not x.dtype.is_floating_point:
         return None
-    if _autocast_dtype(x, base.weight) is None and x.dtype != base.weight.dtype:
+    if autocast_dtype(x, base.weight) is None and x.dtype != base.weight.dtype:
         return None
     return name
-
-
-def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast computes ``x`` times ``weight`` in on ``x``'s device; None when autocast is off there or
-    leaves these dtypes alone (it only lowers float32)."""
-    device = x.device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return None
-    dtype = torch.get_autocast_dtype(device)
-    return dtype if {x.dtype, weight.dtype} <= {torch.float32, dtype} else None
 
 
 def _base_only(layer: nn.Module) -> bool:
@@ -158,7 +148,7 @@ def _fused_forward(layer: nn.Module, original: Any, cache: _CastCache):
         if args or kwargs:
             return original(x, *args, **kwargs)
         base = layer.base_layer
-        dtype = _autocast_dtype(x, base.weight)
+        dtype = autocast_dtype(x, base.weight)
         name = _plain_vanilla(layer, x)
         if name is None:
             if dtype is None or not _base_only(layer):
