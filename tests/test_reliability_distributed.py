@@ -47,7 +47,7 @@ save_file({k: v.detach().contiguous() for k, v in trainer.model.named_parameters
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({"world": args.world_size, "use_cpu": args.use_cpu, "loss_skips": trainer.nonfinite_skipped,
                "grad_skips": trainer.nonfinite_grad_skipped, "step": trainer.state.global_step}, f)
-trainer.accelerator.end_training()  # destroys the process group: gloo threads left running can abort the exit
+trainer.end_training()  # frees the DDP wrapper, then destroys the process group
 '''
 
 

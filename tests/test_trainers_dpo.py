@@ -416,3 +416,19 @@ def test_lora_fast_paths_give_the_plain_gradients(tmp_path, tok, data, monkeypat
 def _no_fusion(model):
     """Stands in for ``fused_lora``: peft's own LoRA forward everywhere (no layer fused)."""
     return contextlib.nullcontext(0)
+
+
+def test_end_training_in_one_process_keeps_the_trained_model_usable(tmp_path, tok, data):
+    trainer = DPOTrainer(build_tiny_llama(tok, seed=5), ref_model=build_tiny_llama(tok, seed=6),
+                         args=_args(tmp_path, learning_rate=1e-2), train_dataset=data, processing_class=tok)
+    trainer.train()
+    trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.end_training()
+    assert trainer.model_wrapped is trainer.model and trainer.accelerator._models == []
+    assert not torch.distributed.is_initialized()
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = type(trainer.model).from_pretrained(str(tmp_path / "saved"))
+    for name, value in reloaded.named_parameters():
+        torch.testing.assert_close(value, trained[name])
+    metrics = trainer.evaluate(eval_dataset=data)  # evaluation still runs after end_training
+    assert math.isfinite(metrics["eval_loss"])

@@ -284,7 +284,7 @@ def test_metrics_are_summed_then_divided_over_micro_batches(tmp_path, tok, data)
 
 
 _DDP_SCRIPT = textwrap.dedent('''
-    import json, pathlib, sys, torch
+    import json, pathlib, sys, weakref, torch
     from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
     from hfrlhf.trainers.kto import KTOConfig, KTOTrainer
 
@@ -320,7 +320,11 @@ _DDP_SCRIPT = textwrap.dedent('''
             "logs": [h for h in trainer.state.log_history if "loss" in h],
         }))
     (out / f"seen{rank}.json").write_text(json.dumps(trainer.seen))
-    trainer.accelerator.end_training()  # destroys the process group: gloo threads left running can abort the exit
+    wrapper = weakref.ref(trainer.model_wrapped)
+    wrapped_kind = type(trainer.model_wrapped).__name__
+    trainer.end_training()  # frees the DDP wrapper, then destroys the process group
+    (out / f"ended{rank}.json").write_text(json.dumps({"wrapper": wrapped_kind, "freed": wrapper() is None,
+                                                         "group_alive": torch.distributed.is_initialized()}))
 ''')
 
 
@@ -351,6 +355,11 @@ def test_two_processes_one_without_undesirable_examples(tmp_path):
     for h in result["logs"]:
         assert all(math.isfinite(v) for v in h.values() if isinstance(v, float))
         assert h["count/chosen"] + h["count/rejected"] == 4
+    # end_training freed the DDP wrapper before destroying the process group (a live wrapper's reducer at the
+    # group's shutdown can abort the exit)
+    for rank in (0, 1):
+        ended = json.loads((out / f"ended{rank}.json").read_text())
+        assert ended == {"wrapper": "DistributedDataParallel", "freed": True, "group_alive": False}
 
 
 # --- data ----------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -521,6 +522,23 @@ class HfrlhfTrainer(Trainer):
                     "and overwrites those of the same step; pass resume_from_checkpoint=True to continue instead, "
                     "or use an empty output_dir", self.args.output_dir, ", ".join(old))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def end_training(self) -> None:
+        """Finish a multi-process run cleanly; call it once, when done with training (a no-op in one process
+        but for a garbage collection).
+
+        Waits for every process, drops the distributed wrapper of the model (its gradient reducer keeps the
+        process group alive), then destroys the process group. Destroying the group while the wrapper lives,
+        or leaving both to the interpreter's shutdown, can abort a finished gloo run at exit ("terminate called
+        without an active exception", exit code -6). The trained model stays in ``trainer.model``, to save or
+        use; evaluate before this call in a multi-process run (gathering metrics needs the process group).
+        """
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        self.model_wrapped = self.model
+        accelerator.free_memory()  # the accelerator's references to the wrapped model, optimizer and loaders
+        gc.collect()  # the wrapper's hooks form reference cycles: free it (and its reducer) now
+        accelerator.end_training()
 
     # --- evaluation -------------------------------------------------------------------------------------------
     def prepare_eval_dataset(self, data: Any, name: str = "eval_dataset") -> Dataset:

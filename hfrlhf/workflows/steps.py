@@ -284,11 +284,9 @@ def finish(
         result.seconds = time.time() - started
     if trainer.is_world_process_zero():
         print_summary(method, result, eval_rows=len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0)
-    trainer.accelerator.wait_for_everyone()
-    # under torchrun / accelerate launch: destroy the process group while the interpreter is alive (communication
-    # threads left to the interpreter's shutdown can abort the exit with "terminate called without an active
-    # exception"); a no-op in a single process
-    trainer.accelerator.end_training()
+    # under torchrun / accelerate launch: free the DDP wrapper, then destroy the process group, while the
+    # interpreter is alive (see HfrlhfTrainer.end_training)
+    trainer.end_training()
     return result
 
 
