@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ class Method:
     config: dict[str, Any] = field(default_factory=dict)
     reward: str | None = None  # PPO: "model" (the learned reward model) or "gold" (VADER)
     label: str = ""
+    # with --kl_budget: settings that replace ``config``'s (max_steps becomes a cap) and the steps of the first KL
+    # estimate and between two estimates
+    budget_config: dict[str, Any] = field(default_factory=dict)
+    budget_first: int | None = None
+    budget_every: int | None = None
 
 
 COMMON: dict[str, Any] = {"lr_scheduler_type": "constant", "logging_steps": 5, "save_strategy": "no",
@@ -97,6 +102,22 @@ METHODS: dict[str, Method] = {
     "lipo": Method("dpo", "listwise", {**DIRECT, "beta": 0.1, "loss_type": "lipo", "per_device_train_batch_size": 4,
                                        "learning_rate": 3e-4, "max_steps": 18}, label="LiPO (listwise)"),
 }
+# Training to a KL budget (--kl_budget): each method trains until KL(policy || reference), estimated on the
+# unseen-topic development prompts, reaches the budget; the weights of the last estimate under it are kept. The caps
+# are about 1.5 times the round-3 step counts, the first estimate comes at about 0.6 of them (where the round-3
+# development runs were at 3-5 nats), then every 3 steps for DPO, IPO and KTO (8-16 rows a step, an estimate costs
+# about 3 of their steps) and every 2 for LiPO and the PPO methods. PPO and RLOO adapt their KL coefficient
+# (Ziegler et al.: target 8 nats per response, horizon 32 responses), so the reward model's steepness no longer
+# decides how far they move.
+ADAPTIVE_KL: dict[str, Any] = {"adaptive_kl": True, "kl_target": 8.0, "kl_horizon": 32.0}
+BUDGET: dict[str, tuple[dict[str, Any], int, int]] = {
+    "dpo": ({"max_steps": 48}, 20, 3), "ipo": ({"max_steps": 36}, 15, 3), "kto": ({"max_steps": 36}, 15, 3),
+    "lipo": ({"max_steps": 27}, 11, 2), "ppo_gold": ({**ADAPTIVE_KL, "max_steps": 24}, 8, 2),
+    "ppo_rm": ({**ADAPTIVE_KL, "max_steps": 24}, 8, 2), "rloo": ({**ADAPTIVE_KL, "max_steps": 24}, 8, 2)}
+for _name, (_config, _first, _every) in BUDGET.items():
+    METHODS[_name] = replace(METHODS[_name], budget_config=_config, budget_first=_first,
+                           budget_every=_every)
+
 # The README's quick check, a few minutes: a shorter DPO (12 steps of 8 pairs at 3e-4; dev: +0.37 at KL 5.4),
 # evaluated on the first REDUCED_EVAL_PROMPTS held-out prompts.
 REDUCED: dict[str, Method] = {"dpo": Method("dpo", "pairwise", {**DIRECT, "beta": 0.1, "loss_type": "sigmoid",
@@ -136,7 +157,7 @@ class Experiment:
     # every kl_budget_every steps on one sample of each unseen-topic development prompt, reaches kl_budget nats
     # (the settings' max_steps then only cap the training); None: fixed step counts
     kl_budget: float | None = None
-    kl_budget_every: int = 2
+    kl_budget_every: int | None = None  # None: each method's budget_every (2 for a method without one)
     kl_budget_prompts: list[str] = field(default_factory=unseen_dev_prompts)
 
 
@@ -339,8 +360,10 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
         from hfrlhf.callbacks import KLBudgetCallback
 
         g = exp.generation
+        every = exp.kl_budget_every or method.budget_every or 2
+        first = method.budget_first or max(1, settings.get("max_steps", 3) // 3)
         budget = KLBudgetCallback([as_messages(p) for p in exp.kl_budget_prompts], tokenizer, max_kl=exp.kl_budget,
-                                  every_n_steps=exp.kl_budget_every, first_step=max(1, settings.get("max_steps", 3) // 3),
+                                  every_n_steps=every, first_step=first,
                                   max_new_tokens=g.max_new_tokens, temperature=g.temperature, batch_size=g.batch_size,
                                   seed=exp.seed)
         trainer.add_callback(budget)
@@ -546,7 +569,7 @@ def apply_settings(methods: dict[str, Method], assignments: Sequence[str]) -> di
     >>> m["dpo"].config, m["dpo"].data
     ({'beta': 0.5}, 'listwise')
     """
-    out = {n: Method(m.trainer, m.data, dict(m.config), m.reward, m.label) for n, m in methods.items()}
+    out = {n: replace(m, config=dict(m.config)) for n, m in methods.items()}
     for item in assignments:
         target, sep, raw = item.partition("=")
         name, dot, key = target.partition(".")
@@ -561,6 +584,16 @@ def apply_settings(methods: dict[str, Method], assignments: Sequence[str]) -> di
         else:
             out[name].config[key] = value
     return out
+
+
+def with_budget(methods: dict[str, Method]) -> dict[str, Method]:
+    """``methods`` with their budget settings (``budget_config``) in place of their own, for --kl_budget.
+
+    >>> m = with_budget({"dpo": Method("dpo", "pairwise", {"max_steps": 32, "beta": 0.1}, budget_config={"max_steps": 48})})
+    >>> m["dpo"].config
+    {'max_steps': 48, 'beta': 0.1}
+    """
+    return {n: replace(m, config={**m.config, **m.budget_config}) for n, m in methods.items()}
 
 
 def worker_groups(names: Sequence[str], workers: int) -> list[list[str]]:
@@ -596,7 +629,8 @@ def _run_workers(args: argparse.Namespace, groups: list[list[str]], output_dir: 
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--dev", args.dev] if args.dev else []
         cmd += ["--eval_at", args.eval_at] if args.eval_at else []
-        cmd += ["--kl_budget", str(args.kl_budget), "--kl_budget_every", str(args.kl_budget_every)] if args.kl_budget else []
+        cmd += ["--kl_budget", str(args.kl_budget)] if args.kl_budget else []
+        cmd += ["--kl_budget_every", str(args.kl_budget_every)] if args.kl_budget and args.kl_budget_every else []
         for item in args.set:
             cmd += ["--set", item]
         procs.append(subprocess.Popen(cmd))
@@ -632,8 +666,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "steps (comma-separated), from the same run")
     parser.add_argument("--kl_budget", type=float, default=None, help="train each policy until its KL from the "
                         "reference, estimated every --kl_budget_every steps on the unseen-topic development prompts, "
-                        "reaches this many nats (max_steps then caps the training)")
-    parser.add_argument("--kl_budget_every", type=int, default=2, help="steps between two KL estimates")
+                        "reaches this many nats, and keep the weights of the last estimate under it (each method's "
+                        "budget settings apply: see BUDGET)")
+    parser.add_argument("--kl_budget_every", type=int, default=None, help="steps between two KL estimates "
+                        "(default: each method's, see BUDGET)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="change one setting of one method (repeatable), e.g. dpo.learning_rate=2e-4")
     parser.add_argument("--workers", type=int, default=2, help="processes the methods are spread over (default 2: "
@@ -683,6 +719,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if unknown:
                 parser.error(f"unknown methods {unknown}")
             methods = {n: METHODS[n] for n in names}
+        if args.kl_budget is not None:
+            methods = with_budget(methods)
         try:
             methods = apply_settings(methods, args.set)
         except ValueError as e:
