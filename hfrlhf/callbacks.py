@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from hfrlhf.data.collators import PromptCollator
 from hfrlhf.models.value import unwrap
-from hfrlhf.ops.casts import cached_linear_casts, shared_weight_casts
+from hfrlhf.ops.casts import shared_weight_casts
 from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.ops.rollout import (
     generate,
@@ -99,7 +99,6 @@ def _sample_kl(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *,
             stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.manual_seed(seed)
             stack.enter_context(shared_weight_casts())
-            stack.enter_context(cached_linear_casts(policy))
             stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
             for start in range(0, len(prompt_ids), batch_size):
                 prompt_batch = collate([{"prompt_ids": p} for p in prompt_ids[start:start + batch_size]])
@@ -126,18 +125,26 @@ class KLBudgetCallback(TrainerCallback):
         max_kl: the budget, in nats per completion (summed over its tokens).
         every_n_steps: optimizer steps between two estimates.
         first_step: the first step estimated (before it the policy is assumed inside the budget).
+        near_budget: once an estimate reaches this fraction of ``max_kl``, estimate after every step: the KL
+            can climb several nats between two estimates near the end, and a rollback then loses every step
+            since the last one. None: every ``every_n_steps`` throughout.
         ref_model: an explicit reference (default: the policy with its adapters disabled).
         rollback: when an estimate reaches the budget, put back the trainable weights of the last estimate under it
             (kept in memory at each estimate; LoRA adapters are small), so the trained model is the last one known
             to be inside the budget. Without it the model stays as it was at the estimate over the budget.
         max_new_tokens, temperature, batch_size, seed: sampling settings; use the evaluation's.
 
-    ``estimates`` keeps ``(step, kl)`` of every estimate; ``stopped_at`` the step training stopped at, if it did;
-    ``kept_step`` the step whose weights the model ends with after a rollback (0: the weights before training).
+    The last step of training (``max_steps``) is always estimated, so a run that ends without reaching the budget
+    ends with weights known to be inside it. ``estimates`` keeps ``(step, kl)`` of every estimate; ``stopped_at``
+    the step training stopped at, if it did; ``kept_step`` the step whose weights the model ends with after a
+    rollback (0: the weights before training).
 
     >>> cb = KLBudgetCallback(["Say hi."], max_kl=8.0, every_n_steps=2, first_step=10)
     >>> [step for step in range(1, 15) if cb.due(step)]
     [10, 12, 14]
+    >>> cb.estimates.append((12, 6.0))  # past near_budget * max_kl = 5.6: every step from here
+    >>> [step for step in range(1, 17) if cb.due(step, max_steps=16)]
+    [10, 12, 13, 14, 15, 16]
     """
 
     def __init__(
@@ -148,6 +155,7 @@ class KLBudgetCallback(TrainerCallback):
         max_kl: float,
         every_n_steps: int = 1,
         first_step: int = 1,
+        near_budget: float | None = 0.7,
         ref_model: nn.Module | None = None,
         rollback: bool = True,
         max_new_tokens: int = 64,
@@ -160,11 +168,14 @@ class KLBudgetCallback(TrainerCallback):
         if max_kl <= 0 or every_n_steps < 1 or first_step < 1:
             raise ValueError(f"need max_kl > 0, every_n_steps >= 1 and first_step >= 1, got {max_kl}, "
                              f"{every_n_steps} and {first_step}")
+        if near_budget is not None and not 0 < near_budget <= 1:
+            raise ValueError(f"near_budget is a fraction of max_kl in (0, 1], or None; got {near_budget}")
         self.prompts = list(prompts)
         self.tokenizer = tokenizer
         self.max_kl = float(max_kl)
         self.every_n_steps = every_n_steps
         self.first_step = first_step
+        self.near_budget = near_budget
         self.ref_model = ref_model
         self.rollback = rollback
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
@@ -175,9 +186,15 @@ class KLBudgetCallback(TrainerCallback):
         self._kept_at = 0
         self._prompt_ids: list[list[int]] | None = None  # tokenized at the first estimate
 
-    def due(self, step: int) -> bool:
-        """Whether the KL is estimated after optimizer step ``step``."""
-        return step >= self.first_step and (step - self.first_step) % self.every_n_steps == 0
+    def due(self, step: int, max_steps: int | None = None) -> bool:
+        """Whether the KL is estimated after optimizer step ``step`` (of ``max_steps``), given the estimates so far."""
+        if step < self.first_step:
+            return False
+        if step == max_steps or (step - self.first_step) % self.every_n_steps == 0:
+            return True
+        last = self.estimates[-1] if self.estimates else None
+        return (self.near_budget is not None and last is not None and step > last[0]
+                and last[1] >= self.near_budget * self.max_kl)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        **kwargs: Any) -> Any:
@@ -191,7 +208,7 @@ class KLBudgetCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                     processing_class: Any = None, **kwargs: Any) -> Any:
-        if model is None or not self.due(state.global_step):
+        if model is None or not self.due(state.global_step, state.max_steps):
             return control
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:

@@ -66,7 +66,8 @@ def test_sample_kl_is_zero_for_the_reference_itself_and_matches_plain_forwards()
 @pytest.mark.parametrize("rollback", [True, False])
 def test_training_stops_at_the_first_estimate_over_the_budget(tmp_path, rollback):
     tok = build_tiny_tokenizer()
-    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=2, first_step=2, max_new_tokens=8, rollback=rollback)
+    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=2, first_step=2, max_new_tokens=8, rollback=rollback,
+                              near_budget=None)
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", bf16=False, use_cpu=True,
                      per_device_train_batch_size=3, max_steps=40, learning_rate=5e-2, logging_steps=1,
                      disable_tqdm=True, seed=0, max_length=48, beta=0.1)
@@ -103,9 +104,45 @@ def test_rollback_before_the_first_estimate_under_the_budget_restores_the_initia
     assert torch.equal(sample_kl(trainer.model, tok, PROMPTS, max_new_tokens=8), torch.zeros(len(PROMPTS)))
 
 
+def _dpo_with_budget(tmp_path, tok, budget, max_steps, learning_rate):
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", bf16=False, use_cpu=True,
+                     per_device_train_batch_size=3, max_steps=max_steps, learning_rate=learning_rate,
+                     lr_scheduler_type="constant", disable_tqdm=True, seed=0, max_length=48, beta=0.1)
+    return DPOTrainer(build_tiny_llama(tok, seed=1), args=args, train_dataset=Dataset.from_list(PAIRS),
+                      processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                      callbacks=[budget])
+
+
+def test_near_the_budget_every_step_is_estimated(tmp_path):
+    tok = build_tiny_tokenizer()
+    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=4, first_step=1, near_budget=0.7, max_new_tokens=8)
+    trainer = _dpo_with_budget(tmp_path, tok, budget, max_steps=14, learning_rate=5e-2)
+    trainer.train()
+    steps = [step for step, _ in budget.estimates]
+    near = [kl >= 0.35 for _, kl in budget.estimates]
+    for k in range(len(steps) - 1):
+        # near the budget the next estimate is one step on; far from it, the next step of the schedule 1, 5, 9, 13
+        assert steps[k + 1] == (steps[k] + 1 if near[k] else (steps[k] - 1) // 4 * 4 + 5), budget.estimates
+    assert not near[0] and any(near[:-1]), budget.estimates  # both rules were exercised
+    if budget.stopped_at is None:  # ran to max_steps: its last step was estimated, under the budget
+        assert steps[-1] == 14 and budget.estimates[-1][1] < 0.5
+    else:
+        assert budget.stopped_at == steps[-1] and budget.estimates[-1][1] >= 0.5
+
+
+def test_a_run_that_ends_under_the_budget_is_estimated_at_its_last_step(tmp_path):
+    tok = build_tiny_tokenizer()
+    budget = KLBudgetCallback(PROMPTS, max_kl=1e3, every_n_steps=4, first_step=2, max_new_tokens=8)
+    trainer = _dpo_with_budget(tmp_path, tok, budget, max_steps=7, learning_rate=1e-2)
+    trainer.train()
+    assert [s for s, _ in budget.estimates] == [2, 6, 7] and budget.stopped_at is None and budget.kept_step is None
+
+
 @pytest.mark.parametrize("kwargs", [dict(max_kl=0.0), dict(max_kl=1.0, every_n_steps=0), dict(max_kl=1.0, first_step=0)])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="max_kl > 0"):
         KLBudgetCallback(PROMPTS, **kwargs)
+    with pytest.raises(ValueError, match="near_budget"):
+        KLBudgetCallback(PROMPTS, max_kl=1.0, near_budget=1.5)
     with pytest.raises(ValueError, match="at least one prompt"):
         KLBudgetCallback([], max_kl=1.0)

@@ -4,8 +4,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
-from hfrlhf.ops import casts
-from hfrlhf.ops.casts import cached_linear_casts, cast_weight, shared_weight_casts
+from hfrlhf.ops import casts, rollout
+from hfrlhf.ops.casts import cast_weight, shared_weight_casts
 from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.ops.rollout import generate_with_logprobs, make_generation_config
 
@@ -88,25 +88,35 @@ def test_two_forwards_in_one_scope_give_the_same_bits_with_each_frozen_weight_ca
         assert torch.equal(a, b)
 
 
-def test_cached_linear_casts_sample_the_same_tokens_and_log_probs():
+def test_sampling_casts_frozen_weights_once_and_samples_the_same_tokens_and_log_probs(monkeypatch):
     model, tok = _model(layers_with_lora=(0,))
     model.eval()
     prompt = torch.tensor([tok.encode("tell me something")])
     mask = torch.ones_like(prompt)
     config = make_generation_config(max_new_tokens=6, temperature=1.0, top_k=None, top_p=1.0, stop_token_ids=[],
                                     pad_token_id=tok.pad_token_id)
+    calls = []
+    real_to = torch.Tensor.to
 
-    def sample(cached: bool):
+    def counting_to(self, *args, **kwargs):  # bf16 copies of frozen weights made during sampling
+        out = real_to(self, *args, **kwargs)
+        if isinstance(self, torch.nn.Parameter) and out.dtype == torch.bfloat16 and not self.requires_grad:
+            calls.append(id(self))
+        return out
+
+    def sample():
+        calls.clear()
         torch.manual_seed(0)
-        ctx = contextlib.ExitStack()
-        if cached:
-            ctx.enter_context(shared_weight_casts())
-            switched = ctx.enter_context(cached_linear_casts(model))
-            assert switched > 0
-        with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             return generate_with_logprobs(model, prompt, mask, config)
 
-    ids, logps = sample(False)
-    ids2, logps2 = sample(True)
+    ids, logps = sample()  # the library's path: each frozen linear weight cast once for the call
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    ids, logps = sample()
+    cached_calls = list(calls)
+    monkeypatch.setattr(rollout, "_sampling_casts", lambda model: contextlib.nullcontext())
+    ids2, logps2 = sample()  # autocast's own casts, at every token
     assert torch.equal(ids, ids2) and torch.equal(logps, logps2)
+    frozen = {id(m.weight) for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad}
+    assert len(frozen) > 2 and sorted(cached_calls) == sorted(frozen)  # each frozen weight once, for all 6 tokens
     assert all("forward" not in m.__dict__ for m in model.modules())  # own forwards back

@@ -21,8 +21,9 @@ prompt ``p`` are rows ``p*k .. p*k + k - 1``, which ``repeat_interleave(k)`` on 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -40,8 +41,10 @@ from hfrlhf.ops.advantages import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from hfrlhf.ops.casts import cached_linear_casts, shared_weight_casts
 from hfrlhf.ops.kl import kl_estimate
 from hfrlhf.ops.logprobs import batch_logprobs, hidden_states
+from hfrlhf.ops.lora import merged_lora
 from hfrlhf.ops.masked import AllReduce, RunningMoments, masked_mean, masked_sum, masked_whiten
 
 __all__ = [
@@ -124,8 +127,13 @@ def generate(
     """Sample one response per prompt row. ``(B, Tp)`` left-padded prompts -> ``(B, Tr)`` generated tokens.
 
     The output is what ``generate`` wrote after the prompt, not yet cut: pass it to :func:`truncate_at_stop`.
+    Frozen weights are cast to the autocast dtype once for the whole call, not at every token, and LoRA layers
+    run with their merged weight (``merged_lora``: one product instead of three per layer and token; the
+    sampled tokens can differ from the unmerged model's where two are nearly tied). Log-probs that must be the
+    policy's own come from a teacher-forced pass, as PPO's and the KL estimates' do.
     """
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    with _sampling_casts(model), merged_lora(model):
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
     return out[:, prompt_ids.shape[1]:]
 
 
@@ -143,17 +151,27 @@ def generate_with_logprobs(
     token taken at each step, from the raw logits ``generate`` computed anyway (no second forward pass). They
     match a teacher-forced pass over prompt + response (``batch_logprobs`` on :func:`sequence_batch`) up to
     float rounding (the cached decode multiplies in another order). Positions after a row's stop token hold
-    log-probs of padding: mask them with the lengths of :func:`truncate_at_stop`.
+    log-probs of padding: mask them with the lengths of :func:`truncate_at_stop`. Frozen weights are cast to the
+    autocast dtype once for the whole call (the same numbers); LoRA layers are not merged here, so the log-probs
+    are the model's own.
     """
     config = copy.deepcopy(generation_config)
     config.output_logits, config.return_dict_in_generate = True, True
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    with _sampling_casts(model):
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     tokens = out.sequences[:, prompt_ids.shape[1]:]  # (B, Tr)
     logps = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
     for t, step_logits in enumerate(out.logits):  # Tr tensors (B, V), one per generated token
         step = torch.log_softmax(step_logits.float() / temperature, dim=-1)
         logps[:, t] = step.gather(1, tokens[:, t:t + 1]).squeeze(1)
     return tokens, logps
+
+
+@contextlib.contextmanager
+def _sampling_casts(model: nn.Module) -> Iterator[None]:
+    """Frozen linear weights cast once for a whole sampling call (bit-identical to casting them at every token)."""
+    with shared_weight_casts(), cached_linear_casts(model):
+        yield
 
 
 def truncate_at_stop(ids: torch.Tensor, stop_token_ids: Sequence[int], pad_token_id: int) -> Responses:

@@ -46,7 +46,7 @@ from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from hfrlhf.models.quantized import keep_4bit_weights_trainable
 from hfrlhf.models.value import ActorCritic, attach_shared_lora, build_critic, unwrap
-from hfrlhf.ops.casts import cached_linear_casts, shared_weight_casts
+from hfrlhf.ops.casts import shared_weight_casts
 from hfrlhf.ops.kl import AdaptiveKLController, FixedKLController
 from hfrlhf.ops.masked import RunningMoments
 from hfrlhf.ops.rollout import (
@@ -296,7 +296,7 @@ class PPOTrainer(HfrlhfTrainer):
         """Stages 1-2: generate, cut after the first stop token, score at the last real token.
         Returns ``(responses, completions, batch, raw scores)``."""
         policy = unwrap(ac.policy)
-        with self._generation_progress(policy, prompt_ids.shape[0]), cached_linear_casts(policy):
+        with self._generation_progress(policy, prompt_ids.shape[0]):
             ids = generate(policy, prompt_ids, prompt_mask, self.generation_config)
         responses = truncate_at_stop(ids, self.stop_ids, self.pad_id)
         completions = self.processing_class.batch_decode(
