@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -347,6 +348,22 @@ def test_kl_budget_stops_each_policy_at_its_first_estimate_over_the_budget(tmp_p
     assert dpo["kept_step"] == (dpo["estimates"][-2][0] if len(kls) > 1 else 0)  # the last weights inside it
     ppo = methods["ppo_gold"]["kl_budget"]  # PPO's steps are rollouts; a 3-rollout cap: estimated at 1, 2, 3
     assert [step for step, _ in ppo["estimates"]][:1] == [1] and ppo["steps"] <= 3
+
+
+def test_kl_budget_follows_each_methods_schedule(tmp_path):
+    """A method's own budget schedule (first estimate, interval) is used unless --kl_budget_every overrides it, and
+    the last step of a run that stays under the budget is estimated too."""
+    exp = _tiny_experiment(tmp_path)
+    exp.methods = {"dpo": dataclasses.replace(exp.methods["dpo"], budget_first=2, budget_every=3)}
+    exp.methods["dpo"].config.update(max_steps=9)
+    exp.kl_budget, exp.kl_budget_prompts = 1e3, prompts.unseen_dev_prompts(4)
+    dpo = runner.run(exp, log=lambda s: None)["methods"]["dpo"]["kl_budget"]
+    assert [step for step, _ in dpo["estimates"]] == [2, 5, 8, 9]
+    assert dpo["stopped_at"] is None and dpo["kept_step"] is None and dpo["steps"] == 9
+    budgeted = runner.with_budget(runner.METHODS)
+    for name, method in runner.METHODS.items():  # the budget settings replace the method's own, nothing else
+        assert budgeted[name].config == {**method.config, **method.budget_config}, name
+    assert all(runner.METHODS[n].budget_first and runner.METHODS[n].budget_every for n in runner.BUDGET)
 
 
 def test_unseen_dev_prompts_share_nothing_with_training_or_held_out_topics():
