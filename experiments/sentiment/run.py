@@ -1,7 +1,8 @@
 """The controlled-sentiment experiment, end to end with the library: reward model, RL and direct methods,
 held-out evaluation by the gold reward, results JSON, reward-against-KL plot and the table of docs/alignment.md.
 
-    python experiments/sentiment/run.py --seed 0 --threads 1  # every method (see METHODS), two workers
+    python experiments/sentiment/run.py --seed 0 --threads 1  # every method (see METHODS) to a 9-nat KL budget
+    python experiments/sentiment/run.py --seed 0 --threads 1 --kl_budget 0  # fixed step counts instead
     python experiments/sentiment/run.py --reduced --seed 0    # DPO only, the README's quick check (minutes)
     python experiments/sentiment/run.py --methods reward_model,ppo_rm --seed 1
     python experiments/sentiment/run.py --dev unseen --methods dpo --set dpo.max_steps=44 --eval_at 32,38,44
@@ -109,6 +110,9 @@ METHODS: dict[str, Method] = {
 # about 3 of their steps) and every 2 for LiPO and the PPO methods. PPO and RLOO adapt their KL coefficient
 # (Ziegler et al.: target 8 nats per response, horizon 32 responses), so the reward model's steepness no longer
 # decides how far they move.
+# The full experiment's default (round 5): 9 nats on the development prompts, the round-3 rule. --kl_budget 0 gives
+# the fixed step counts of METHODS; --dev and --reduced runs train fixed step counts unless --kl_budget is given.
+KL_BUDGET = 9.0
 ADAPTIVE_KL: dict[str, Any] = {"adaptive_kl": True, "kl_target": 8.0, "kl_horizon": 32.0}
 BUDGET: dict[str, tuple[dict[str, Any], int, int]] = {
     "dpo": ({"max_steps": 48}, 20, 3), "ipo": ({"max_steps": 36}, 15, 3), "kto": ({"max_steps": 36}, 15, 3),
@@ -629,7 +633,7 @@ def _run_workers(args: argparse.Namespace, groups: list[list[str]], output_dir: 
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--dev", args.dev] if args.dev else []
         cmd += ["--eval_at", args.eval_at] if args.eval_at else []
-        cmd += ["--kl_budget", str(args.kl_budget)] if args.kl_budget else []
+        cmd += ["--kl_budget", str(args.kl_budget or 0)]  # 0: none (the worker would otherwise take the default)
         cmd += ["--kl_budget_every", str(args.kl_budget_every)] if args.kl_budget and args.kl_budget_every else []
         for item in args.set:
             cmd += ["--set", item]
@@ -667,7 +671,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kl_budget", type=float, default=None, help="train each policy until its KL from the "
                         "reference, estimated every --kl_budget_every steps on the unseen-topic development prompts, "
                         "reaches this many nats, and keep the weights of the last estimate under it (each method's "
-                        "budget settings apply: see BUDGET)")
+                        f"budget settings apply: see BUDGET). Default: {KL_BUDGET} for the full experiment, none for "
+                        "--dev and --reduced runs; 0: none (the fixed step counts)")
     parser.add_argument("--kl_budget_every", type=int, default=None, help="steps between two KL estimates "
                         "(default: each method's, see BUDGET)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -684,6 +689,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "from every results_seed*.json in output_dir")
     parser.add_argument("--results_suffix", default="", help=argparse.SUPPRESS)  # set for the worker processes
     args = parser.parse_args(argv)
+    if args.kl_budget is None and not (args.dev or args.reduced):
+        args.kl_budget = KL_BUDGET
+    if not args.kl_budget:  # None or 0
+        args.kl_budget = None
     import torch
 
     if args.threads:
