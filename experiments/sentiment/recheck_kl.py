@@ -1,9 +1,11 @@
 """Re-estimate the KL of trained policies on the development prompts, with fresh samples, the way the evaluation
 estimates it (float32, ``--samples`` completions per prompt), to compare with the KL-budget estimate that kept them.
 
-    python experiments/sentiment/recheck_kl.py outputs/sentiment_round5 --samples 2 --seed 1000
+    python experiments/sentiment/recheck_kl.py outputs/sentiment_round5 --run_seed 0 --samples 2 --seed 1000
 
-For every method of ``results_seed<N>.json`` in the folder trained with ``--kl_budget``, loads its adapter, samples
+For every method of ``results_seed<run_seed>.json`` in the folder trained with ``--kl_budget``, loads its adapter
+(``run.py`` saves each method's adapter in ``<folder>/<method>``, so they are those of the last run written there:
+give that run's seed), samples
 on the 60 unseen-topic development prompts (the budget's prompts; never the held-out ones) with a seed the budget
 did not use, and prints the budget's estimate at the kept step, this re-estimate and their ratio. The ratio tells
 how much of the gap between the budget and the held-out KL comes from choosing the last estimate under the budget
@@ -29,6 +31,7 @@ from sampling import GenerationSettings, sample, sequence_logps  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
+    parser.add_argument("--run_seed", type=int, required=True, help="the seed of the run whose adapters the folder holds")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
@@ -43,11 +46,10 @@ def main() -> None:
     prompts = unseen_dev_prompts()
     settings = GenerationSettings()
     out = {}
-    files = sorted(args.folder.glob("results_seed*.json"))
-    merged = {f.name.split(".")[0] for f in files if ".worker" not in f.name}
-    for results_file in files:  # a worker's file only while the run's merged file is not written yet
-        if ".worker" in results_file.name and results_file.name.split(".")[0] in merged:
-            continue
+    files = [args.folder / f"results_seed{args.run_seed}.json"]
+    if not files[0].exists():  # the run is still going: its workers' files
+        files = sorted(args.folder.glob(f"results_seed{args.run_seed}.worker*.json"))
+    for results_file in files:
         results = json.loads(results_file.read_text())
         for name, metrics in results["methods"].items():
             budget = metrics.get("kl_budget")

@@ -205,6 +205,8 @@ def _merged_forward(layer: nn.Module, original: Any, merged: dict[tuple[str, tor
             return original(x, *args, **kwargs)
         base = layer.base_layer
         dtype = autocast_dtype(x, base.weight) or base.weight.dtype
+        if torch.finfo(dtype).bits < 32:  # W + s B A rounded to 16 bits loses an adapter's small change of W
+            return original(x, *args, **kwargs)
         weight = merged.get((name, dtype))
         if weight is None:  # W + s B A, summed in float32 (or better) and rounded once to the compute dtype
             high = torch.promote_types(base.weight.dtype, torch.float32)
@@ -223,13 +225,14 @@ def merged_lora(model: nn.Module) -> Iterator[int]:
     ``x (W + s B A)^T + b``: one matrix product instead of three, for loops of many small forwards such as
     sampling a response token by token.
 
-    Each layer merges its weight at its first such forward in the block, in float32, rounded once to the compute
-    dtype (autocast's, else the weights'), and keeps it until the block closes: the weights must not change
-    inside it. The result equals the unmerged layer's up to float rounding (peft rounds the base and the LoRA
-    products separately; under bf16 autocast the two differ by about bf16's precision), so a sampled response can
-    differ from the unmerged one where two tokens are nearly tied: use it for sampling, not for log-probs that must
-    match a teacher-forced pass. Layers the fused path would not take (see :func:`fused_lora`: adapters off or
-    merged, several adapters, DoRA, dropout in training, ...) and forwards with gradients keep peft's forward.
+    Each layer merges its weight at its first such forward in the block, in the weights' dtype (float32 or
+    wider), and keeps it until the block closes: the weights must not change inside it. The result equals the
+    unmerged layer's up to float rounding, so a sampled response can differ from the unmerged one where two tokens
+    are nearly tied: use it for sampling, not for log-probs that must match a teacher-forced pass. Under bf16 or
+    fp16 autocast the layers keep peft's forward: a trained adapter changes each weight by far less than a 16-bit
+    float resolves (bf16 keeps 8 bits), so ``W + s B A`` rounded to 16 bits is nearly ``W`` and the merged model
+    samples almost like its reference. Layers the fused path would not take (see :func:`fused_lora`: adapters off
+    or merged, several adapters, DoRA, dropout in training, ...) and forwards with gradients keep peft's forward.
 
     Yields the number of LoRA layers switched; they get their own forward back on exit.
 

@@ -127,10 +127,11 @@ def generate(
     """Sample one response per prompt row. ``(B, Tp)`` left-padded prompts -> ``(B, Tr)`` generated tokens.
 
     The output is what ``generate`` wrote after the prompt, not yet cut: pass it to :func:`truncate_at_stop`.
-    Frozen weights are cast to the autocast dtype once for the whole call, not at every token, and LoRA layers
-    run with their merged weight (``merged_lora``: one product instead of three per layer and token; the
-    sampled tokens can differ from the unmerged model's where two are nearly tied). Log-probs that must be the
-    policy's own come from a teacher-forced pass, as PPO's and the KL estimates' do.
+    Frozen weights are cast to the autocast dtype once for the whole call, not at every token, and in float32
+    LoRA layers run with their merged weight (``merged_lora``: one product instead of three per layer and token;
+    the sampled tokens can differ from the unmerged model's where two are nearly tied; under bf16 autocast they
+    keep peft's forward). Log-probs that must be the policy's own come from a teacher-forced pass, as PPO's and
+    the KL estimates' do.
     """
     with _sampling_casts(model), merged_lora(model):
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
