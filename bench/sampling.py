@@ -7,7 +7,9 @@ changes the function), bf16 autocast where the CPU has bf16 units (else float32)
 ``--rows`` prompts sampling ``--new_tokens`` tokens (no stop token, so every call samples all of them). The two
 paths alternate, each timed ``--repeats`` times after one warm-up call; prints the medians and writes
 ``bench/results/sampling.json``. Both paths cast the frozen weights once per call (``cached_linear_casts``);
-only the LoRA layers differ: peft's three products per layer and token, or one with the merged weight.
+only the LoRA layers differ: peft's three products per layer and token, or one with the merged weight. The merge
+is float32-only now (rounded to bf16 it erases a trained adapter's change; bench/benchmarks_notes.md), so under
+bf16 the two paths compute the same thing; the stored result is the earlier bf16-merge measurement.
 """
 
 from __future__ import annotations
