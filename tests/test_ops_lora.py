@@ -6,8 +6,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
-from hfrlhf.ops.lora import LoraLinear, fused_lora, merged_lora
-from hfrlhf.ops.rollout import generate, make_generation_config
+from hfrlhf.ops.lora import LoraLinear, fused_lora
 
 
 def _by_hand(x, w, b, a, bb, s):
@@ -224,83 +223,3 @@ def test_autocast_reference_pass_is_exactly_the_base_model():
             x = torch.randn(3, layer.base_layer.in_features)
             assert torch.equal(layer(x), layer.base_layer(x))
     assert torch.equal(fused, plain)
-
-
-# --- merged weights for sampling -----------------------------------------------------------------------------------
-def test_merged_layer_is_the_definition_with_one_merged_weight(monkeypatch):
-    model = _lora_model(torch.float64)
-    layer = _first_lora_layer(model)
-    x = torch.randn(2, 3, layer.base_layer.in_features, dtype=torch.float64)
-    w, b = layer.base_layer.weight, layer.base_layer.bias
-    a, bb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    s = layer.scaling["default"]
-    products = []
-    real_linear = torch.nn.functional.linear
-
-    def counting_linear(*args, **kwargs):
-        products.append(args[1].shape)
-        return real_linear(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
-    with torch.no_grad(), merged_lora(model) as switched:
-        y = layer(x)
-    monkeypatch.undo()
-    assert switched == sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
-    assert products == [w.shape]  # one product, with the (out, in) merged weight
-    torch.testing.assert_close(y, _by_hand(x, w, b, a, bb, s), atol=1e-12, rtol=1e-12)
-    assert all("forward" not in m.__dict__ for m in model.modules())  # peft's own forwards back
-
-
-def test_merged_layer_keeps_peft_forward_with_gradients_or_adapters_off():
-    model = _lora_model(torch.float32)
-    layer = _first_lora_layer(model)
-    x = torch.randn(2, 3, layer.base_layer.in_features)
-    with merged_lora(model):
-        with torch.no_grad(), model.disable_adapter():  # the reference: base layer only
-            torch.testing.assert_close(layer(x), layer.base_layer(x), atol=0, rtol=0)
-        x.requires_grad_(True)
-        y = layer(x)  # with gradients: peft's forward, which trains the adapter
-        y.sum().backward()
-        assert layer.lora_B["default"].weight.grad is not None
-
-
-def _small_adapter_model():
-    model = _lora_model(torch.float32)
-    with torch.no_grad():  # a trained adapter's size: it changes each weight by about 0.1 %, under bf16's resolution
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(1e-3)
-    return model
-
-
-def test_merged_layers_keep_a_small_adapters_change():
-    model = _small_adapter_model()
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
-    with torch.no_grad():
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-        plain = model(input_ids=ids).logits
-        with merged_lora(model) as switched:  # float32: merged
-            merged = model(input_ids=ids).logits
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            plain_bf16 = model(input_ids=ids).logits
-            with merged_lora(model):  # bf16 autocast: peft's forward, the same numbers
-                merged_bf16 = model(input_ids=ids).logits
-    assert switched > 0
-    change, merged_change = plain - base, merged - base  # what the adapter does to the logits
-    assert change.abs().max() > 1e-4 and _relative_error(merged_change, change.double()) < 1e-2
-    assert torch.equal(merged_bf16, plain_bf16)
-
-
-def test_sampling_with_merged_weights_picks_the_same_greedy_tokens():
-    tok = build_tiny_tokenizer()
-    model = _lora_model(torch.float32).eval()
-    prompt = torch.tensor([tok.encode("tell me something")] * 2)
-    mask = torch.ones_like(prompt)
-    config = make_generation_config(max_new_tokens=8, temperature=1.0, top_k=None, top_p=1.0, stop_token_ids=[],
-                                    pad_token_id=tok.pad_token_id)
-    config.do_sample = False
-    with torch.no_grad():
-        plain = model.generate(input_ids=prompt, attention_mask=mask, generation_config=config)[:, prompt.shape[1]:]
-    merged = generate(model, prompt, mask, config)  # rollout.generate merges the LoRA weights
-    assert torch.equal(merged, plain)

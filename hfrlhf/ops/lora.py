@@ -48,7 +48,7 @@ from torch import nn
 
 from hfrlhf.ops.casts import autocast_dtype, cast_weight
 
-__all__ = ["LoraLinear", "fused_lora", "merged_lora"]
+__all__ = ["LoraLinear", "fused_lora"]
 
 
 class LoraLinear(torch.autograd.Function):
@@ -195,64 +195,3 @@ def fused_lora(model: nn.Module) -> Iterator[int]:
         for m in layers:
             del m.forward
 
-
-def _merged_forward(layer: nn.Module, original: Any, merged: dict[tuple[str, torch.dtype], torch.Tensor]):
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or torch.is_grad_enabled():
-            return original(x, *args, **kwargs)
-        name = _plain_vanilla(layer, x)
-        if name is None:
-            return original(x, *args, **kwargs)
-        base = layer.base_layer
-        dtype = autocast_dtype(x, base.weight) or base.weight.dtype
-        if torch.finfo(dtype).bits < 32:  # W + s B A rounded to 16 bits loses an adapter's small change of W
-            return original(x, *args, **kwargs)
-        weight = merged.get((name, dtype))
-        if weight is None:  # W + s B A, summed in float32 (or better) and rounded once to the compute dtype
-            high = torch.promote_types(base.weight.dtype, torch.float32)
-            a, b = layer.lora_A[name].weight.to(high), layer.lora_B[name].weight.to(high)
-            weight = torch.addmm(base.weight.to(high), b, a, alpha=float(layer.scaling[name])).to(dtype)
-            merged[(name, dtype)] = weight
-        bias = None if base.bias is None else cast_weight(base.bias, dtype)
-        return F.linear(x.to(dtype), weight, bias)
-
-    return forward
-
-
-@contextmanager
-def merged_lora(model: nn.Module) -> Iterator[int]:
-    """Inside the block, forwards without gradients through peft LoRA layers of ``model`` use one merged weight,
-    ``x (W + s B A)^T + b``: one matrix product instead of three, for loops of many small forwards such as
-    sampling a response token by token.
-
-    Each layer merges its weight at its first such forward in the block, in the weights' dtype (float32 or
-    wider), and keeps it until the block closes: the weights must not change inside it. The result equals the
-    unmerged layer's up to float rounding, so a sampled response can differ from the unmerged one where two tokens
-    are nearly tied: use it for sampling, not for log-probs that must match a teacher-forced pass. Under bf16 or
-    fp16 autocast the layers keep peft's forward: a trained adapter changes each weight by far less than a 16-bit
-    float resolves (bf16 keeps 8 bits), so ``W + s B A`` rounded to 16 bits is nearly ``W`` and the merged model
-    samples almost like its reference. Layers the fused path would not take (see :func:`fused_lora`: adapters off
-    or merged, several adapters, DoRA, dropout in training, ...) and forwards with gradients keep peft's forward.
-
-    Yields the number of LoRA layers switched; they get their own forward back on exit.
-
-    >>> from peft import LoraConfig, get_peft_model
-    >>> from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
-    >>> model = get_peft_model(build_tiny_llama(build_tiny_tokenizer()), LoraConfig(r=4, target_modules="all-linear"))
-    >>> _ = [torch.nn.init.normal_(p) for n, p in model.named_parameters() if "lora_B" in n]  # a non-zero adapter
-    >>> ids = torch.tensor([[5, 6, 7]])
-    >>> with torch.no_grad():
-    ...     plain = model(input_ids=ids).logits
-    ...     with merged_lora(model) as n:
-    ...         merged = model(input_ids=ids).logits
-    >>> n > 0 and torch.allclose(merged, plain, atol=1e-4)
-    True
-    """
-    layers = [m for m in _lora_linears(model) if "forward" not in m.__dict__]  # not already switched
-    for m in layers:
-        m.forward = _merged_forward(m, m.forward, {})
-    try:
-        yield len(layers)
-    finally:
-        for m in layers:
-            del m.forward

@@ -44,7 +44,6 @@ from hfrlhf.ops.advantages import (
 from hfrlhf.ops.casts import cached_linear_casts, shared_weight_casts
 from hfrlhf.ops.kl import kl_estimate
 from hfrlhf.ops.logprobs import batch_logprobs, hidden_states
-from hfrlhf.ops.lora import merged_lora
 from hfrlhf.ops.masked import AllReduce, RunningMoments, masked_mean, masked_sum, masked_whiten
 
 __all__ = [
@@ -127,13 +126,9 @@ def generate(
     """Sample one response per prompt row. ``(B, Tp)`` left-padded prompts -> ``(B, Tr)`` generated tokens.
 
     The output is what ``generate`` wrote after the prompt, not yet cut: pass it to :func:`truncate_at_stop`.
-    Frozen weights are cast to the autocast dtype once for the whole call, not at every token, and in float32
-    LoRA layers run with their merged weight (``merged_lora``: one product instead of three per layer and token;
-    the sampled tokens can differ from the unmerged model's where two are nearly tied; under bf16 autocast they
-    keep peft's forward). Log-probs that must be the policy's own come from a teacher-forced pass, as PPO's and
-    the KL estimates' do.
+    Frozen weights are cast to the autocast dtype once for the whole call, not at every token (the same numbers).
     """
-    with _sampling_casts(model), merged_lora(model):
+    with _sampling_casts(model):
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
     return out[:, prompt_ids.shape[1]:]
 
@@ -153,8 +148,7 @@ def generate_with_logprobs(
     match a teacher-forced pass over prompt + response (``batch_logprobs`` on :func:`sequence_batch`) up to
     float rounding (the cached decode multiplies in another order). Positions after a row's stop token hold
     log-probs of padding: mask them with the lengths of :func:`truncate_at_stop`. Frozen weights are cast to the
-    autocast dtype once for the whole call (the same numbers); LoRA layers are not merged here, so the log-probs
-    are the model's own.
+    autocast dtype once for the whole call (the same numbers).
     """
     config = copy.deepcopy(generation_config)
     config.output_logits, config.return_dict_in_generate = True, True
