@@ -377,3 +377,21 @@ def test_eval_at_rejects_what_is_not_a_list_of_steps(capsys):
     with pytest.raises(SystemExit):
         runner.main(["--methods", "dpo", "--eval_at", "24,late"])
     assert "--eval_at '24,late'" in capsys.readouterr().err
+
+
+def test_kl_budget_default_is_the_full_runs_only():
+    assert runner.resolve_kl_budget(None) == runner.KL_BUDGET
+    assert runner.resolve_kl_budget(None, dev="validation") is None
+    assert runner.resolve_kl_budget(None, dev="unseen") is None
+    assert runner.resolve_kl_budget(None, reduced=True) is None
+    assert runner.resolve_kl_budget(0) is None and runner.resolve_kl_budget(0.0, dev="unseen") is None
+    assert runner.resolve_kl_budget(6.0) == 6.0 and runner.resolve_kl_budget(6.0, reduced=True) == 6.0
+
+
+def test_experiment_doctests_pass():
+    import doctest
+
+    for module in (runner, make_data, ev, sampling, prompts):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+    assert doctest.testmod(runner).attempted >= 6

@@ -600,6 +600,20 @@ def with_budget(methods: dict[str, Method]) -> dict[str, Method]:
     return {n: replace(m, config={**m.config, **m.budget_config}) for n, m in methods.items()}
 
 
+def resolve_kl_budget(given: float | None, dev: str | None = None, reduced: bool = False) -> float | None:
+    """The KL budget a run trains to: ``given`` when set (0: none, the fixed step counts), else :data:`KL_BUDGET`
+    for the full experiment and none for development (``dev``) and reduced runs.
+
+    >>> resolve_kl_budget(None), resolve_kl_budget(None, dev="unseen"), resolve_kl_budget(None, reduced=True)
+    (9.0, None, None)
+    >>> resolve_kl_budget(0), resolve_kl_budget(7.5, dev="unseen")
+    (None, 7.5)
+    """
+    if given is None:
+        return None if (dev or reduced) else KL_BUDGET
+    return given or None
+
+
 def worker_groups(names: Sequence[str], workers: int) -> list[list[str]]:
     """Split the methods over ``workers`` processes: the reward model and the methods that use it stay in the
     first (they share it in memory); the others go, in :data:`WORKER_ORDER`, to the process with the least
@@ -689,10 +703,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "from every results_seed*.json in output_dir")
     parser.add_argument("--results_suffix", default="", help=argparse.SUPPRESS)  # set for the worker processes
     args = parser.parse_args(argv)
-    if args.kl_budget is None and not (args.dev or args.reduced):
-        args.kl_budget = KL_BUDGET
-    if not args.kl_budget:  # None or 0
-        args.kl_budget = None
+    args.kl_budget = resolve_kl_budget(args.kl_budget, dev=args.dev, reduced=args.reduced)
     import torch
 
     if args.threads:
