@@ -398,3 +398,8 @@ def test_experiment_doctests_pass():
         attempted[module] = result.attempted
     assert attempted[runner] >= 6
 
+
+def test_a_negative_kl_budget_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["--methods", "dpo", "--kl_budget", "-2"])
+    assert "--kl_budget -2.0" in capsys.readouterr().err

@@ -703,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "from every results_seed*.json in output_dir")
     parser.add_argument("--results_suffix", default="", help=argparse.SUPPRESS)  # set for the worker processes
     args = parser.parse_args(argv)
+    if args.kl_budget is not None and args.kl_budget < 0:
+        parser.error(f"--kl_budget {args.kl_budget}: a KL in nats, at least 0 (0: no budget, the fixed step counts)")
     args.kl_budget = resolve_kl_budget(args.kl_budget, dev=args.dev, reduced=args.reduced)
     import torch
 
