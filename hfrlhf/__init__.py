@@ -41,7 +41,8 @@ _EXPORTS = {
     "get_quantization_config": "hfrlhf.models.loading", "bf16_supported": "hfrlhf.models.loading",
     "keep_4bit_weights_trainable": "hfrlhf.models.quantized",
     # reward models: build, read, score
-    "reward_model_from_causal_lm": "hfrlhf.models.reward_head", "sequence_rewards": "hfrlhf.models.reward_head",
+    "RewardEnsemble": "hfrlhf.models.reward_head", "reward_model_from_causal_lm": "hfrlhf.models.reward_head",
+    "sequence_rewards": "hfrlhf.models.reward_head",
     "score_completions": "hfrlhf.models.reward_head",
     # PPO: policy + critic, rollouts, reward functions
     "ActorCritic": "hfrlhf.models.value", "ValueHead": "hfrlhf.models.value", "build_critic": "hfrlhf.models.value",

@@ -403,3 +403,28 @@ def test_a_negative_kl_budget_is_refused_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         runner.main(["--methods", "dpo", "--kl_budget", "-2"])
     assert "--kl_budget -2.0" in capsys.readouterr().err
+
+
+def test_a_reward_model_ensemble_is_trained_standardised_and_scored_as_one(tmp_path):
+    from hfrlhf.models.reward_head import RewardEnsemble
+
+    exp = _tiny_experiment(tmp_path)
+    method = runner.apply_settings({"reward_model": exp.methods["reward_model"]},
+                                   ["reward_model.members=2", "reward_model.combine=mean_minus_std",
+                                    "reward_model.std_coef=0.5"])["reward_model"]
+    model, metrics = runner.train_reward_model(exp, method)
+    assert isinstance(model, RewardEnsemble) and len(model.members) == 2
+    assert (model.combine, model.std_coef) == ("mean_minus_std", 0.5)
+    assert (tmp_path / "out" / "reward_model").is_dir() and (tmp_path / "out" / "reward_model_member1").is_dir()
+    assert len(metrics["member_accuracy"]) == 2 and metrics["members"] == 2
+    # the members differ (their seeds order the data differently) and each is standardised on the validation texts
+    assert not torch.equal(model.members[0].score.weight, model.members[1].score.weight)
+    tok = exp.load_policy()[1]
+    ps, texts, _, _ = runner.validation_texts(exp.data_dir)
+    each = torch.tensor([runner.score_texts(m, tok, ps, texts) for m in model.members])
+    torch.testing.assert_close(model.offset, each.mean(1), atol=1e-5, rtol=0)
+    # the metrics computed from the members' scores are those of the ensemble scored afresh as one model
+    again = runner.reward_model_accuracy(model, tok, exp.data_dir)
+    assert again.pop("reward_scale") == pytest.approx(metrics["reward_scale"], rel=1e-5)
+    assert {k: metrics[k] for k in again} == again
+    assert (metrics["members"], metrics["combine"], metrics["std_coef"]) == (2, "mean_minus_std", 0.5)

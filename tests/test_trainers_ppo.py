@@ -12,6 +12,7 @@ from transformers import (
     ProgressCallback,
 )
 
+from hfrlhf.models.reward_head import RewardEnsemble, sequence_rewards
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.ops.rollout import sequence_batch, truncate_at_stop
@@ -292,3 +293,27 @@ def test_smollm2_lora_vader_sentiment_rises(tmp_path):
     trainer.train()
     after = trainer.evaluate()["eval_objective/scores"]
     assert after > before + 0.1, (before, after)
+
+
+def test_a_reward_ensemble_scores_rollouts_and_its_first_member_initialises_the_critic(tmp_path, tok):
+    members = [_reward_model(tok, seed=s) for s in (3, 4)]
+    ensemble = RewardEnsemble(members, combine="min")
+    trainer = PPOTrainer(_args(tmp_path), tok, build_tiny_llama(tok), reward_model=ensemble,
+                         train_dataset=CHAT_PROMPTS)
+    torch.testing.assert_close(trainer.model.value_head.linear.weight, members[0].score.weight)
+    seen = []
+    scorer = trainer.scorer
+
+    def spy(prompts, completions, batch, ended):
+        scores = scorer(prompts, completions, batch, ended)
+        with torch.no_grad():
+            each = torch.stack([sequence_rewards(m, batch) for m in members])
+        seen.append((scores, each))
+        return scores
+
+    trainer.scorer = spy
+    _train(trainer)
+    assert seen
+    for scores, each in seen:  # the policy's own tokens, scored by each member, the lower one kept
+        torch.testing.assert_close(scores, each.min(dim=0).values, atol=1e-4, rtol=0)
+    assert all(not p.requires_grad for p in ensemble.parameters())

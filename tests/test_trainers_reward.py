@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, EvalPrediction, Lla
 from hfrlhf.data.collators import ListwiseCollator, PairwiseCollator
 from hfrlhf.data.tokenize import tokenize_dataset
 from hfrlhf.metrics import available_metrics, load_metric
+from hfrlhf.models.reward_head import RewardEnsemble
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from hfrlhf.trainers.reward import (
     RewardConfig,
@@ -494,3 +495,45 @@ def test_bundled_smollm2_lora_and_qlora_train_only_adapter_and_head_and_reload(t
     reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
     trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     torch.testing.assert_close(_rewards(reloaded, batch), _rewards(trained, batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("combine", "std_coef"), [("mean", 1.0), ("min", 1.0), ("mean_minus_std", 0.5)])
+def test_reward_ensemble_combines_the_members_standardised_rewards(tok, combine, std_coef):
+    members = [_reward_model(tok, seed=s) for s in (21, 22, 23)]
+    data = tokenize_dataset(Dataset.from_list(PAIRS), tok, max_length=64)
+    ids = [r["prompt_ids"] + r[k] for r in data for k in ("chosen_ids", "rejected_ids")]
+    # independent path: each member's plain HF forward of each unpadded sequence, combined with numpy
+    raw = np.array([[_plain_reward(m, x) for x in ids] for m in members])  # (3, 8)
+    offset, scale = raw.mean(axis=1, keepdims=True), raw.std(axis=1, keepdims=True)
+    std = (raw - offset) / scale
+    expected = {"mean": std.mean(0), "min": std.min(0),
+                "mean_minus_std": std.mean(0) - std_coef * std.std(0)}[combine]
+
+    ensemble = RewardEnsemble(members, combine=combine, std_coef=std_coef)
+    ensemble.standardize(torch.tensor(raw))
+    prompts = [p["prompt"] for p in PAIRS for _ in range(2)]
+    completions = [p[k] for p in PAIRS for k in ("chosen", "rejected")]
+    got = score_completions(ensemble, tok, prompts, completions, batch_size=3).double()
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-4, rtol=0)
+    # the Hugging Face style forward of one unpadded sequence gives the same reward
+    for m in members:
+        m.config.pad_token_id = None
+    with torch.no_grad():
+        one = ensemble(input_ids=torch.tensor([ids[1]])).logits
+    assert one.shape == (1, 1)
+    assert abs(one.item() - expected[1]) < 1e-4
+
+
+def test_reward_ensemble_refuses_bad_settings_and_calibration(tok):
+    m = _reward_model(tok)
+    with pytest.raises(ValueError, match="combine='median'"):
+        RewardEnsemble([m], combine="median")
+    with pytest.raises(ValueError, match="std_coef"):
+        RewardEnsemble([m], std_coef=-1)
+    with pytest.raises(ValueError, match="at least one member"):
+        RewardEnsemble([])
+    ensemble = RewardEnsemble([m, m])
+    with pytest.raises(ValueError, match=r"expected \(2, N >= 2\)"):
+        ensemble.standardize(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="same reward"):
+        ensemble.standardize(torch.tensor([[1.0, 2.0], [3.0, 3.0]]))

@@ -242,18 +242,27 @@ def score_texts(reward_model: Any, tokenizer: Any, prompts: Sequence[str], compl
     return scores.tolist()
 
 
-def reward_model_accuracy(reward_model: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any]:
-    """Pair accuracy against the gold ordering on the validation prompts: every pair of their K completions with
-    different gold scores, and the best-against-worst pairs alone (the training data's kind of pair)."""
+def validation_texts(data_dir: Path) -> tuple[list[str], list[str], list[float], list[list[int]]]:
+    """The validation prompts' K scored completions, flat: (prompts, completions, gold scores, index groups)."""
     groups = dev_groups(data_dir)
     prompts = [g["prompt"] for g in groups for _ in g["completions"]]
     texts = [c for g in groups for c in g["completions"]]
     gold = [x for g in groups for x in g["scores"]]
-    rewards = score_texts(reward_model, tokenizer, prompts, texts)
     index, start = [], 0
     for g in groups:
         index.append(list(range(start, start + len(g["completions"]))))
         start += len(g["completions"])
+    return prompts, texts, gold, index
+
+
+def reward_model_accuracy(reward_model: Any, tokenizer: Any, data_dir: Path,
+                          rewards: Sequence[float] | None = None) -> dict[str, Any]:
+    """Pair accuracy against the gold ordering on the validation prompts: every pair of their K completions with
+    different gold scores, and the best-against-worst pairs alone (the training data's kind of pair).
+    ``rewards``: the reward model's scores of :func:`validation_texts`, when already computed."""
+    prompts, texts, gold, index = validation_texts(data_dir)
+    if rewards is None:
+        rewards = score_texts(reward_model, tokenizer, prompts, texts)
     every, n_every = pair_accuracy(rewards, gold, index)
     scale = reward_scale(rewards, gold)
     ends = [[ix[max(range(len(ix)), key=lambda k: (gold[ix[k]], -k))], ix[min(range(len(ix)), key=lambda k: (gold[ix[k]], k))]]
@@ -278,20 +287,49 @@ def reward_scale(rewards: Sequence[float], gold: Sequence[float]) -> float:
     return statistics.pstdev(rewards) / spread if spread > 0 else 1.0
 
 
-def train_reward_model(exp: Experiment, method: Method) -> tuple[Any, dict[str, float]]:
-    """Stage 2: a LoRA reward model on the training prompts' data; pair accuracy on the validation prompts
-    (scored directly, pair by pair: see :func:`reward_model_accuracy`)."""
+# Settings of the reward_model method that are not RewardConfig's: an ensemble of ``members`` reward models (seeds
+# seed, seed + 1000, ...), each standardised on the validation completions, combined by ``combine`` (see
+# hfrlhf.models.reward_head.RewardEnsemble) with ``std_coef``. One member: the plain reward model.
+ENSEMBLE_KEYS = {"members": 1, "combine": "mean", "std_coef": 1.0}
+MEMBER_SEED_STEP = 1000
+
+
+def train_reward_model(exp: Experiment, method: Method) -> tuple[Any, dict[str, Any]]:
+    """Stage 2: a LoRA reward model (or an ensemble of them, see :data:`ENSEMBLE_KEYS`) on the training prompts'
+    data; pair accuracy on the validation prompts (scored directly, pair by pair: see
+    :func:`reward_model_accuracy`)."""
+    import torch
+
+    from hfrlhf.models.reward_head import RewardEnsemble
     from hfrlhf.trainers import RewardConfig, RewardTrainer
 
+    config = dict(method.config)
+    ensemble = {k: config.pop(k, default) for k, default in ENSEMBLE_KEYS.items()}
+    n = int(ensemble["members"])
+    if n < 1:
+        raise ValueError(f"reward_model.members={n}: at least 1")
     _, tokenizer = (exp.load_policy or _bundled_policy)()
-    model = (exp.load_reward or _bundled_reward)()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    args = RewardConfig(output_dir=str(exp.output_dir / "reward_model"), seed=exp.seed, **{**COMMON, **method.config})
-    trainer = RewardTrainer(model, args=args, train_dataset=_records(exp, method.data), processing_class=tokenizer,
-                            peft_config=_lora("SEQ_CLS", model, exp.lora_layers))
-    trainer.train()
-    reward_model = trainer.model.merge_and_unload().eval()
-    return reward_model, reward_model_accuracy(reward_model, tokenizer, exp.data_dir)
+    prompts, texts, _, _ = validation_texts(exp.data_dir)
+    members, raw, accuracies = [], [], []
+    for k in range(n):
+        model = (exp.load_reward or _bundled_reward)()
+        model.config.pad_token_id = tokenizer.pad_token_id
+        out = exp.output_dir / ("reward_model" if k == 0 else f"reward_model_member{k}")
+        args = RewardConfig(output_dir=str(out), seed=exp.seed + MEMBER_SEED_STEP * k, **{**COMMON, **config})
+        trainer = RewardTrainer(model, args=args, train_dataset=_records(exp, method.data),
+                                processing_class=tokenizer, peft_config=_lora("SEQ_CLS", model, exp.lora_layers))
+        trainer.train()
+        members.append(trainer.model.merge_and_unload().eval())
+        raw.append(score_texts(members[-1], tokenizer, prompts, texts))
+        accuracies.append(reward_model_accuracy(members[-1], tokenizer, exp.data_dir, raw[-1])["accuracy"])
+    if n == 1:
+        return members[0], reward_model_accuracy(members[0], tokenizer, exp.data_dir, raw[0])
+    reward_model = RewardEnsemble(members, combine=ensemble["combine"], std_coef=float(ensemble["std_coef"]))
+    reward_model.standardize(torch.tensor(raw))
+    combined = reward_model.combine_rewards(
+        (torch.tensor(raw) - reward_model.offset[:, None]) / reward_model.scale[:, None]).tolist()
+    metrics = reward_model_accuracy(reward_model, tokenizer, exp.data_dir, combined)
+    return reward_model, {**metrics, "member_accuracy": accuracies, **ensemble}
 
 
 class _Snapshots(TrainerCallback):

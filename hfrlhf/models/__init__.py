@@ -14,7 +14,8 @@ _EXPORTS = {
     "ModelArguments": "loading", "load_bundled": "loading", "load_causal_lm": "loading",
     "load_reward_model": "loading", "load_tokenizer": "loading", "get_peft_config": "loading",
     "get_quantization_config": "loading", "bf16_supported": "loading", "score_head": "loading",
-    "reward_model_from_causal_lm": "reward_head", "score_completions": "reward_head",
+    "RewardEnsemble": "reward_head", "reward_model_from_causal_lm": "reward_head",
+    "score_completions": "reward_head",
     "sequence_rewards": "reward_head", "keep_4bit_weights_trainable": "quantized",
     "ActorCritic": "value", "PolicyValueOutput": "value", "ValueHead": "value", "build_critic": "value",
 }

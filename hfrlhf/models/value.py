@@ -199,7 +199,8 @@ def build_critic(
 
     1. ``value_model``: its decoder, trained in place, and a copy of its score head;
     2. ``critic_adapter`` (one-base LoRA layout): no separate decoder, a new head on the policy's base;
-    3. ``reward_model`` (one that reads the policy's tokens) unless ``critic_init="policy"``: a copy, head included;
+    3. ``reward_model`` (one that reads the policy's tokens) unless ``critic_init="policy"``: a copy, head included
+       (of a ``RewardEnsemble``: its first member);
     4. a copy of the policy with a new head.
     """
     hidden = unwrap(policy).config.get_text_config().hidden_size
@@ -210,6 +211,9 @@ def build_critic(
     if critic_init == "reward" and reward_model is None:
         raise ValueError("critic_init='reward' needs a reward model that shares the policy's tokenizer")
     from_reward = reward_model is not None and critic_init != "policy"
+    members = getattr(reward_model, "members", None)
+    if from_reward and isinstance(members, nn.ModuleList):  # a RewardEnsemble
+        reward_model = members[0]
     return separate_critic(reward_model if from_reward else policy, with_score=from_reward, init_std=init_std,
                            seed=seed)
 

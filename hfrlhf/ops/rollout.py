@@ -33,7 +33,7 @@ from transformers import GenerationConfig
 from hfrlhf.data.collators import PromptCollator, Segment, build_batch
 from hfrlhf.losses.base import LossOutput
 from hfrlhf.losses.ppo import policy_loss, value_loss
-from hfrlhf.models.loading import score_head
+from hfrlhf.models.reward_head import sequence_rewards
 from hfrlhf.ops.advantages import (
     gae,
     grpo_advantages,
@@ -43,7 +43,7 @@ from hfrlhf.ops.advantages import (
 )
 from hfrlhf.ops.casts import cached_linear_casts, shared_weight_casts
 from hfrlhf.ops.kl import kl_estimate
-from hfrlhf.ops.logprobs import batch_logprobs, hidden_states
+from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.ops.masked import AllReduce, RunningMoments, masked_mean, masked_sum, masked_whiten
 
 __all__ = [
@@ -226,15 +226,13 @@ def sequence_batch(
 
 @torch.no_grad()
 def score_with_model(reward_model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``(S,)`` float32 scores: the reward model's scalar head on the hidden state at ``batch["last_index"]``.
+    """``(S,)`` float32 scores: the reward model's scalar head on the hidden state at ``batch["last_index"]``
+    (:func:`hfrlhf.models.reward_head.sequence_rewards`, without gradients; a ``RewardEnsemble`` works too).
 
     The decoder runs once and the head reads exactly one position per sequence, given by the index scheme
     (the model's own "last non-pad token" search is never used: with pad == EOS it lands on the wrong token).
     """
-    hidden = hidden_states(reward_model, batch)  # (R, T, H)
-    last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]  # (S, H)
-    head = score_head(reward_model)
-    return head(last.to(next(head.parameters()).dtype)).float().reshape(-1)
+    return sequence_rewards(reward_model, batch)
 
 
 def reward_model_batch(
