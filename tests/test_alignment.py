@@ -428,3 +428,34 @@ def test_a_reward_model_ensemble_is_trained_standardised_and_scored_as_one(tmp_p
     assert again.pop("reward_scale") == pytest.approx(metrics["reward_scale"], rel=1e-5)
     assert {k: metrics[k] for k in again} == again
     assert (metrics["members"], metrics["combine"], metrics["std_coef"]) == (2, "mean_minus_std", 0.5)
+
+
+def _run_result(gold_ref=0.25, **methods):
+    return {"seed": 3, "eval_set": "held-out", "eval_prompts": 100, "eval_samples_per_prompt": 2,
+            "generation": {"max_new_tokens": 40}, "reference": {"gold": gold_ref, "length": 30.0, "seconds": 40.0},
+            "seconds": 600.0, "threads": 1, "load_average": {"start": 1.0, "end": 1.0},
+            "methods": {n: {"label": n.upper(), "gold": g, "win_rate": 0.5, "kl": 5.0, "length": 30.0,
+                            "train_seconds": 1.0, "eval_seconds": 1.0} for n, g in methods.items()}}
+
+
+def test_keep_earlier_adds_only_missing_methods_of_the_same_reference_and_says_so():
+    new, old = _run_result(ppo=0.6), {**_run_result(ppo=0.3, dpo=0.7), "seconds": 1800.0}
+    out = runner.keep_earlier(new, old, "results_seed3.json")
+    assert out["methods"]["ppo"]["gold"] == 0.6  # the rerun's own result wins
+    assert out["methods"]["dpo"]["gold"] == 0.7 and out["methods"]["dpo"]["kept_from"] == "results_seed3.json"
+    assert "kept_from" not in out["methods"]["ppo"] and "kept" not in new  # the inputs are left alone
+    table = runner.results_table([out])
+    assert "- Seed 3: DPO kept from an earlier run of the same code for them (results_seed3.json, 30.0 min" in table
+    assert "- Seed 3, the rerun: 10.0 min" in table
+    with pytest.raises(ValueError, match="its reference"):
+        runner.keep_earlier(new, _run_result(gold_ref=0.3, dpo=0.7), "other.json")
+    with pytest.raises(ValueError, match="eval_samples_per_prompt"):
+        runner.keep_earlier(new, {**old, "eval_samples_per_prompt": 1}, "other.json")
+
+
+def test_keep_from_of_another_seed_is_refused_before_anything_runs(tmp_path, capsys):
+    path = tmp_path / "results_seed3.json"
+    path.write_text(json.dumps(_run_result(dpo=0.7)))
+    with pytest.raises(SystemExit):
+        runner.main(["--methods", "dpo", "--seed", "4", "--keep_from", str(path)])
+    assert "not a results file of seed 4" in capsys.readouterr().err

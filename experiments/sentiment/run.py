@@ -532,6 +532,32 @@ def _write(exp: Experiment, results: dict[str, Any], started: float) -> None:
         json.dump(results, f, indent=2)
 
 
+def keep_earlier(results: dict[str, Any], earlier: dict[str, Any], source: str) -> dict[str, Any]:
+    """``results`` completed with the methods of an earlier run of the same seed that it did not rerun (for a
+    change that only touches some methods: the others train exactly as before, the runs being deterministic for a
+    seed). The earlier run must have evaluated the same reference (same seed, prompts and sampling), checked on
+    its gold reward and length; each kept method is marked with ``kept_from``.
+
+    >>> new = {"seed": 0, "eval_set": "held-out", "reference": {"gold": 0.5, "length": 30.0}, "methods": {"a": {}}}
+    >>> old = {**new, "seconds": 60.0, "methods": {"a": {"gold": 0.1}, "b": {"gold": 0.9}}}
+    >>> out = keep_earlier(new, old, "old.json")
+    >>> sorted(out["methods"]), out["methods"]["b"]["kept_from"], out["kept"]
+    (['a', 'b'], 'old.json', {'source': 'old.json', 'methods': ['b'], 'seconds': 60.0})
+    """
+    for key in ("seed", "eval_set", "eval_prompts", "eval_samples_per_prompt", "generation"):
+        if results.get(key) != earlier.get(key):
+            raise ValueError(f"{source}: {key} {earlier.get(key)!r} differs from this run's {results.get(key)!r}")
+    ref, old_ref = results.get("reference", {}), earlier.get("reference", {})
+    if (ref.get("gold"), ref.get("length")) != (old_ref.get("gold"), old_ref.get("length")):
+        raise ValueError(f"{source}: its reference (gold {old_ref.get('gold')}, length {old_ref.get('length')}) is not "
+                         f"this run's (gold {ref.get('gold')}, length {ref.get('length')})")
+    kept = [n for n in earlier["methods"] if n not in results["methods"]]
+    out = {**results, "methods": {**results["methods"],
+                                  **{n: {**earlier["methods"][n], "kept_from": source} for n in kept}}}
+    out["kept"] = {"source": source, "methods": kept, "seconds": earlier.get("seconds")}
+    return out
+
+
 def results_files(output_dir: Path) -> list[Path]:
     """Every finished run's results in ``output_dir`` (``results_seed<N>.json``; a worker's part files excluded)."""
     return sorted(p for p in output_dir.glob("results_seed*.json") if p.stem[len("results_seed"):].isdigit())
@@ -566,7 +592,13 @@ def results_table(all_results: Sequence[dict[str, Any]]) -> str:
                          f"{rm['pairs_best_worst']} best-against-worst pairs; {held}.")
         workers = res.get("workers")
         load = res.get("load_average", {})
-        notes.append(f"- Seed {seed}, whole run: {res['seconds'] / 60:.1f} min on the {res.get('eval_set', 'held-out')} "
+        kept = res.get("kept")
+        if kept:
+            labels = ", ".join(res["methods"][n]["label"] for n in kept["methods"])
+            notes.append(f"- Seed {seed}: {labels} kept from an earlier run of the same code for them "
+                         f"({kept['source']}, {kept['seconds'] / 60:.1f} min in all); the other methods rerun.")
+        notes.append(f"- Seed {seed}, {'the rerun' if kept else 'whole run'}: {res['seconds'] / 60:.1f} min on the "
+                     f"{res.get('eval_set', 'held-out')} "
                      f"prompts, {len(workers) if workers else 1} process(es) of {res['threads']} thread(s), load "
                      f"average {load.get('start', float('nan')):.1f} at the start and {load.get('end', float('nan')):.1f} "
                      "at the end.")
@@ -742,11 +774,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--docs_only", action="store_true", help="no training: only --update_docs")
     parser.add_argument("--update_docs", action="store_true", help="rewrite docs/alignment.md's table and plot "
                         "from every results_seed*.json in output_dir")
+    parser.add_argument("--keep_from", type=Path, default=None, help="an earlier results_seed<N>.json of the same "
+                        "seed: the methods this run does not train are kept from it (see keep_earlier)")
     parser.add_argument("--results_suffix", default="", help=argparse.SUPPRESS)  # set for the worker processes
     args = parser.parse_args(argv)
     if args.kl_budget is not None and args.kl_budget < 0:
         parser.error(f"--kl_budget {args.kl_budget}: a KL in nats, at least 0 (0: no budget, the fixed step counts)")
     args.kl_budget = resolve_kl_budget(args.kl_budget, dev=args.dev, reduced=args.reduced)
+    earlier = None
+    if args.keep_from is not None:  # checked before anything trains
+        try:
+            earlier = json.loads(args.keep_from.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--keep_from {args.keep_from}: {e}")
+        if not isinstance(earlier, dict) or earlier.get("seed") != args.seed or "methods" not in earlier:
+            parser.error(f"--keep_from {args.keep_from}: not a results file of seed {args.seed}")
     import torch
 
     if args.threads:
@@ -798,6 +840,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             results = run(exp)
     if args.results_suffix:
         return
+    if earlier is not None:
+        results = keep_earlier(results, earlier, args.keep_from.name)
+        with open((out / "reduced" if args.reduced else out) / f"results_seed{args.seed}.json", "w") as f:
+            json.dump(results, f, indent=2)
     print(results_table([results]))
     if args.update_docs:
         all_results = [json.loads(p.read_text()) for p in results_files(out)]
