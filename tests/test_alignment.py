@@ -459,3 +459,15 @@ def test_keep_from_of_another_seed_is_refused_before_anything_runs(tmp_path, cap
     with pytest.raises(SystemExit):
         runner.main(["--methods", "dpo", "--seed", "4", "--keep_from", str(path)])
     assert "not a results file of seed 4" in capsys.readouterr().err
+
+
+def test_a_rerun_writing_over_its_kept_file_reads_a_copy_the_table_ignores(tmp_path):
+    target = tmp_path / "results_seed3.json"
+    target.write_text(json.dumps(_run_result(dpo=0.7)))
+    source = runner.protect_kept_file(target, target)
+    assert source != target and json.loads(source.read_text()) == json.loads(target.read_text())
+    target.write_text("{}")  # the rerun's first write: the earlier methods survive in the copy
+    assert json.loads(source.read_text())["methods"]["dpo"]["gold"] == 0.7
+    assert runner.results_files(tmp_path) == [target]
+    other = tmp_path / "elsewhere.json"
+    assert runner.protect_kept_file(other, target) == other  # another file is read as it is

@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -532,6 +533,26 @@ def _write(exp: Experiment, results: dict[str, Any], started: float) -> None:
         json.dump(results, f, indent=2)
 
 
+def protect_kept_file(keep_from: Path, target: Path) -> Path:
+    """The file to read the kept methods from. A run rewrites ``target`` after every method, so when ``keep_from``
+    is that same file it is first copied to ``results_seed<N>.kept.json`` beside it (which the table does not
+    read): an interrupted rerun then cannot lose the earlier run's methods.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); (d / "results_seed2.json").write_text("{}")
+    2
+    >>> protect_kept_file(d / "results_seed2.json", d / "results_seed2.json").name
+    'results_seed2.kept.json'
+    >>> protect_kept_file(d / "results_seed2.kept.json", d / "results_seed2.json").name
+    'results_seed2.kept.json'
+    """
+    if not target.exists() or keep_from.resolve() != target.resolve():
+        return keep_from
+    copy = target.with_name(target.stem + ".kept.json")
+    shutil.copyfile(target, copy)
+    return copy
+
+
 def keep_earlier(results: dict[str, Any], earlier: dict[str, Any], source: str) -> dict[str, Any]:
     """``results`` completed with the methods of an earlier run of the same seed that it did not rerun (for a
     change that only touches some methods: the others train exactly as before, the runs being deterministic for a
@@ -794,6 +815,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.output_dir / {None: "", "validation": "dev", "unseen": "dev_unseen"}[args.dev]
+    if earlier is not None and not args.docs_only:
+        args.keep_from = protect_kept_file(args.keep_from, (out / "reduced" if args.reduced else out)
+                                           / f"results_seed{args.seed}.json")
     if args.docs_only:
         all_results = [json.loads(p.read_text()) for p in results_files(out)]
         update_docs(all_results, DOCS / "alignment.md", DOCS / "alignment_reward_kl.png")
