@@ -317,3 +317,18 @@ def test_a_reward_ensemble_scores_rollouts_and_its_first_member_initialises_the_
     for scores, each in seen:  # the policy's own tokens, scored by each member, the lower one kept
         torch.testing.assert_close(scores, each.min(dim=0).values, atol=1e-4, rtol=0)
     assert all(not p.requires_grad for p in ensemble.parameters())
+
+
+def test_shared_lora_adapters_depend_on_the_seed_alone(tmp_path, tok):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+
+    def adapters(seed, draws):
+        torch.rand(draws)  # whatever the process did before this trainer
+        trainer = PPOTrainer(_args(tmp_path, seed=seed), tok, build_tiny_llama(tok, seed=5), reward_model=length_reward,
+                             train_dataset=PROMPTS, peft_config=lora)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+
+    first, second, other = adapters(1, 3), adapters(1, 1000), adapters(2, 3)
+    assert any(".critic." in n for n in first) and any(".policy." in n for n in first)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)

@@ -255,8 +255,30 @@ def prepare_eval_datasets(data: Any, prepare: Callable[[Any, str], Any], name: s
     return out
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """Draw the weights created inside the block from ``seed`` alone, leaving the process's random state as it was.
+
+    A trainer's fresh adapter is then the same for the same ``args.seed`` whatever ran before it in the process
+    (another trainer, a sampling pass), and the random numbers drawn after it (data order, dropout, sampling) do
+    not depend on whether an adapter was created.
+
+    >>> with seeded_init(3):
+    ...     a = torch.rand(2)
+    >>> _ = torch.rand(5)
+    >>> with seeded_init(3):
+    ...     b = torch.rand(2)
+    >>> bool(torch.equal(a, b))
+    True
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def attach_peft(model: PreTrainedModel, peft_config: Any, args: HfrlhfConfig) -> nn.Module:
-    """Wrap ``model`` with a LoRA adapter from ``peft_config`` (k-bit models are prepared for training first)."""
+    """Wrap ``model`` with a LoRA adapter from ``peft_config`` (k-bit models are prepared for training first),
+    its initial weights drawn from ``args.seed`` (:func:`seeded_init`)."""
     if peft_config is None:
         return model
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -265,7 +287,8 @@ def attach_peft(model: PreTrainedModel, peft_config: Any, args: HfrlhfConfig) ->
         raise ValueError("the model already carries a peft adapter; pass either a PeftModel or peft_config, not both")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    return get_peft_model(model, peft_config)
+    with seeded_init(args.seed):
+        return get_peft_model(model, peft_config)
 
 
 def disable_dropout(model: nn.Module) -> None:
