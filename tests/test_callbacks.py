@@ -66,10 +66,10 @@ def test_sample_kl_is_zero_for_the_reference_itself_and_matches_plain_forwards()
 @pytest.mark.parametrize("rollback", [True, False])
 def test_training_stops_at_the_first_estimate_over_the_budget(tmp_path, rollback):
     tok = build_tiny_tokenizer()
-    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=2, first_step=2, max_new_tokens=8, rollback=rollback,
+    budget = KLBudgetCallback(PROMPTS, max_kl=0.3, every_n_steps=2, first_step=2, max_new_tokens=8, rollback=rollback,
                               near_budget=None)
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", bf16=False, use_cpu=True,
-                     per_device_train_batch_size=3, max_steps=40, learning_rate=5e-2, logging_steps=1,
+                     per_device_train_batch_size=3, max_steps=40, learning_rate=1e-1, logging_steps=1,
                      disable_tqdm=True, seed=0, max_length=48, beta=0.1)
     trainer = DPOTrainer(build_tiny_llama(tok, seed=1), args=args, train_dataset=Dataset.from_list(PAIRS),
                          processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
@@ -79,7 +79,7 @@ def test_training_stops_at_the_first_estimate_over_the_budget(tmp_path, rollback
     kls = [k for _, k in budget.estimates]
     assert budget.stopped_at is not None and trainer.state.global_step == budget.stopped_at < 40
     assert steps == list(range(2, budget.stopped_at + 1, 2)) and len(steps) >= 2
-    assert kls[-1] >= 0.5 and all(k < 0.5 for k in kls[:-1])
+    assert kls[-1] >= 0.3 and all(k < 0.3 for k in kls[:-1])
     logged = [h["kl_budget/kl"] for h in trainer.state.log_history if "kl_budget/kl" in h]
     assert logged == kls
     # the model training ends with: the last one under the budget (rollback), or the one that went over it
