@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from helpers import assert_adapter_depends_on_seed_alone
 from peft import LoraConfig, PeftModel
 
 from hfrlhf.data.collators import PairwiseCollator
@@ -437,13 +438,6 @@ def test_end_training_in_one_process_keeps_the_trained_model_usable(tmp_path, to
 def test_fresh_adapter_depends_on_the_seed_alone_not_on_what_ran_before(tmp_path, tok, data):
     lora = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0)
     base = build_tiny_llama(tok, seed=8)
-
-    def adapter(seed, draws):
-        torch.rand(draws)  # whatever the process did before this trainer
-        trainer = DPOTrainer(copy.deepcopy(base), args=_args(tmp_path, seed=seed), train_dataset=data,
-                             processing_class=tok, peft_config=lora)
-        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
-
-    first, second, other = adapter(1, 3), adapter(1, 1000), adapter(2, 3)
-    assert first and all(torch.equal(first[n], second[n]) for n in first)
-    assert not any(torch.equal(first[n], other[n]) for n in first)
+    assert_adapter_depends_on_seed_alone(lambda seed: DPOTrainer(
+        copy.deepcopy(base), args=_args(tmp_path, seed=seed), train_dataset=data, processing_class=tok,
+        peft_config=lora))

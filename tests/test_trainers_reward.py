@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from helpers import assert_adapter_depends_on_seed_alone
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForSequenceClassification, EvalPrediction, LlamaForSequenceClassification
 
@@ -546,15 +547,8 @@ def test_reward_adapter_depends_on_the_seed_alone(tmp_path):
     from hfrlhf.trainers import RewardConfig, RewardTrainer
 
     tok = build_tiny_tokenizer()
-    rows = [{"prompt": "Rate this.", "chosen": "Lovely and kind.", "rejected": "Awful."}] * 2
-
-    def adapter(seed, draws):
-        torch.rand(draws)  # whatever the process did before this trainer
-        args = RewardConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, seed=seed)
-        trainer = RewardTrainer(build_tiny_llama(tok, seed=3), args=args, train_dataset=Dataset.from_list(rows),
-                                processing_class=tok, peft_config=LoraConfig(r=4, target_modules="all-linear"))
-        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
-
-    first, second, other = adapter(1, 3), adapter(1, 1000), adapter(2, 3)
-    assert first and all(torch.equal(first[n], second[n]) for n in first)
-    assert not any(torch.equal(first[n], other[n]) for n in first)
+    rows = Dataset.from_list([{"prompt": "Rate this.", "chosen": "Lovely and kind.", "rejected": "Awful."}] * 2)
+    assert_adapter_depends_on_seed_alone(lambda seed: RewardTrainer(
+        build_tiny_llama(tok, seed=3), train_dataset=rows, processing_class=tok,
+        args=RewardConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, seed=seed),
+        peft_config=LoraConfig(r=4, target_modules="all-linear")))
