@@ -441,3 +441,51 @@ def test_fresh_adapter_depends_on_the_seed_alone_not_on_what_ran_before(tmp_path
     assert_adapter_depends_on_seed_alone(lambda seed: DPOTrainer(
         copy.deepcopy(base), args=_args(tmp_path, seed=seed), train_dataset=data, processing_class=tok,
         peft_config=lora))
+
+
+def test_rpo_alpha_adds_the_chosen_nll_per_token_by_hand(tmp_path, tok, data):
+    policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
+    trainer = DPOTrainer(policy, ref_model=ref, args=_args(tmp_path, beta=0.3, rpo_alpha=0.7), train_dataset=data,
+                         processing_class=tok)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator(list(data))).item()
+    dpo = _hand_losses(policy, ref, data, lambda chosen, rejected: -_log_sigmoid(0.3 * (chosen - rejected)))
+    nll = sum(-_seq_logp(policy, r["prompt_ids"], r["chosen_ids"]) / len(r["chosen_ids"]) for r in data) / len(data)
+    assert nll > 0.1  # a term large enough to be seen
+    assert loss == pytest.approx(dpo + 0.7 * nll, abs=1e-5)
+
+
+LISTS = [
+    {"prompt": "Describe the weather.", "responses": [" Grey and wet.", " Sunny, warm and bright!", " Fine."],
+     "scores": [0.2, 0.9, 0.5]},
+    {"prompt": "Rate the film.", "responses": [" Awful.", " A masterpiece."], "scores": [0.0, 1.0]},
+    {"prompt": "How was lunch?", "responses": [" Tasty soup.", " Cold and bland.", " Lovely.", " Okay."],
+     "scores": [0.8, 0.1, 0.8, 0.4]},
+]
+
+
+def test_listwise_rpo_alpha_adds_the_best_responses_nll_by_hand(tmp_path, tok):
+    """PRO (Plackett-Luce over beta * h in score order) plus rpo_alpha times the best response's NLL per token,
+    both from plain forwards; in the third list two responses tie for best and the first one is the chosen."""
+    data = tokenize_dataset(Dataset.from_list(LISTS), tok, max_length=64)
+    policy, ref = build_tiny_llama(tok, seed=1), build_tiny_llama(tok, seed=2)
+    losses = {}
+    for alpha in (None, 0.5):
+        trainer = DPOTrainer(policy, ref_model=ref, args=_args(tmp_path, beta=0.3, loss_type="pro", rpo_alpha=alpha),
+                             train_dataset=data, processing_class=tok)
+        with torch.no_grad():
+            losses[alpha] = trainer.compute_loss(trainer.model, trainer.data_collator(list(data))).item()
+    pro, nll = [], []
+    for row in data:
+        p, scores = row["prompt_ids"], row["scores"]
+        logp = [_seq_logp(policy, p, ids) for ids in row["responses_ids"]]
+        r = [0.3 * (lp - _seq_logp(ref, p, ids)) for lp, ids in zip(logp, row["responses_ids"])]
+        # each response with something scored below it: -r_k + log sum over responses scored at most s_k (with
+        # ties, Breslow's rule: tied responses are in each other's denominators)
+        terms = sum(-r[k] + math.log(sum(math.exp(r[m]) for m in range(len(r)) if scores[m] <= scores[k]))
+                    for k in range(len(r)) if min(scores) < scores[k])
+        pro.append(terms)
+        best = max(range(len(r)), key=lambda k: (scores[k], -k))
+        nll.append(-logp[best] / len(row["responses_ids"][best]))
+    assert losses[0.5] - losses[None] == pytest.approx(0.5 * sum(nll) / len(nll), abs=1e-5)
+    assert losses[None] == pytest.approx(sum(pro) / len(pro), abs=1e-5)

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfrlhf.data.collators import ListwiseCollator, PairwiseCollator
 from hfrlhf.losses import get_loss
-from hfrlhf.losses.listwise import ListLogps
+from hfrlhf.losses.listwise import ListLogps, best_response_nll
 from hfrlhf.losses.preference import F_DIVERGENCES, PairLogps, chosen_nll
 from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.trainers.base import (
@@ -71,7 +71,8 @@ class DPOConfig(HfrlhfConfig):
         default=0.0, metadata={"help": "Probability that a preference label is flipped (cDPO / robust DPO)."}
     )
     rpo_alpha: float | None = field(
-        default=None, metadata={"help": "Weight of an NLL term on the chosen completions, added to any loss (RPO)."}
+        default=None, metadata={"help": "Weight of an NLL term on the chosen completions (listwise: each "
+                                       "list's best-scored response), added to any loss (RPO)."}
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
     cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of the NLL term SimPO/CPO add on chosen."})
@@ -360,6 +361,10 @@ class DPOTrainer(HfrlhfTrainer):
             out = spec.fn(pol, ref if not spec.reference_free else None, inputs["scores"], mask, **hyper)
             total = total + weight * out.loss
             metrics = {**out.metrics, **metrics}
+        if self.args.rpo_alpha:  # the chosen answer of a list is its best-scored response
+            nll = best_response_nll(pol, inputs["scores"], mask)
+            total = total + self.args.rpo_alpha * nll
+            metrics["nll_loss"] = nll.detach()
         if ref is not None:
             metrics["kl"] = ((seq_logps - ref_seq).sum() / seq_lens.sum().clamp(min=1)).detach()
         return total, metrics
