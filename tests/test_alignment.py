@@ -350,15 +350,27 @@ def test_kl_budget_stops_each_policy_at_its_first_estimate_over_the_budget(tmp_p
     assert [step for step, _ in ppo["estimates"]][:1] == [1] and ppo["steps"] <= 3
 
 
-def test_kl_budget_follows_each_methods_schedule(tmp_path):
-    """A method's own budget schedule (first estimate, interval) is used unless --kl_budget_every overrides it, and
-    the last step of a run that stays under the budget is estimated too."""
+def test_kl_budget_follows_each_methods_schedule(tmp_path, monkeypatch):
+    """A method's own budget schedule (first estimate, interval, where every step is estimated) is used unless
+    --kl_budget_every overrides it, and the last step of a run that stays under the budget is estimated too."""
+    import hfrlhf.callbacks
+
+    made = []
+
+    class Recorded(hfrlhf.callbacks.KLBudgetCallback):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(hfrlhf.callbacks, "KLBudgetCallback", Recorded)
     exp = _tiny_experiment(tmp_path)
-    exp.methods = {"dpo": dataclasses.replace(exp.methods["dpo"], budget_first=2, budget_every=3)}
+    exp.methods = {"dpo": dataclasses.replace(exp.methods["dpo"], budget_first=2, budget_every=3, budget_near=0.4)}
     exp.methods["dpo"].config.update(max_steps=9)
     exp.kl_budget, exp.kl_budget_prompts = 1e3, prompts.unseen_dev_prompts(4)
     dpo = runner.run(exp, log=lambda s: None)["methods"]["dpo"]["kl_budget"]
     assert [step for step, _ in dpo["estimates"]] == [2, 5, 8, 9]
+    assert [cb.near_budget for cb in made] == [0.4]
+    assert {runner.METHODS[n].budget_near for n in ("ppo_gold", "ppo_rm", "rloo")} == {0.5}
     assert dpo["stopped_at"] is None and dpo["kept_step"] is None and dpo["steps"] == 9
     budgeted = runner.with_budget(runner.METHODS)
     for name, method in runner.METHODS.items():  # the budget settings replace the method's own, nothing else
