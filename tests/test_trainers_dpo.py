@@ -358,6 +358,10 @@ def test_loss_settings_are_checked_when_the_config_is_built(tmp_path):
         _args(tmp_path, loss_kwargs={"tau": 0.1})
     with pytest.raises(ValueError, match="disagree; set only DPOConfig.discopop_tau"):
         _args(tmp_path, discopop_tau=0.3, loss_kwargs={"discopop_tau": 0.2})
+    for name in ("rpo_alpha", "cpo_alpha"):  # an NLL weight below 0 would train the chosen answers away
+        with pytest.raises(ValueError, match=f"{name} must be at least 0 .*got -0.5"):
+            _args(tmp_path, **{name: -0.5})
+        assert getattr(_args(tmp_path, **{name: 0.0}), name) == 0.0
     # the sft term of a mix ignores the divergence (as in TRL): accepted
     assert _args(tmp_path, loss_type=["sigmoid", "sft"], f_divergence_type="js_divergence").f_divergence_type
 

@@ -125,6 +125,10 @@ class DPOConfig(HfrlhfConfig):
                              "it is the epsilon of the smoothed target, and 0 makes the loss infinite")
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
+        for name in ("rpo_alpha", "cpo_alpha"):  # weights of an NLL term: negative would push the chosen down
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be at least 0 (the weight of the chosen answers' NLL), got {value}")
         if self.discopop_tau <= 0:
             raise ValueError(f"discopop_tau must be positive, got {self.discopop_tau}")
         if self.f_divergence_type not in F_DIVERGENCES:
@@ -343,13 +347,7 @@ class DPOTrainer(HfrlhfTrainer):
             out = spec.fn(pol, ref if not spec.reference_free else None, margin=inputs.get("margin"), **hyper)
             total = total + weight * out.loss
             metrics = {**out.metrics, **metrics}
-        if self.args.rpo_alpha:
-            nll = chosen_nll(pol)
-            total = total + self.args.rpo_alpha * nll
-            metrics["nll_loss"] = nll.detach()
-        if ref is not None:  # k1 estimate of KL(policy || ref) per token on the data's completions
-            metrics["kl"] = ((seq_logps - ref_seq).sum() / seq_lens.sum().clamp(min=1)).detach()
-        return total, metrics
+        return self._finish_loss(total, metrics, lambda: chosen_nll(pol), seq_logps, seq_lens, ref_seq)
 
     def _listwise_loss(self, seq_logps, seq_lens, ref_seq, inputs, hyper):
         idx = inputs["response_seq"].clamp(min=0)
@@ -361,10 +359,17 @@ class DPOTrainer(HfrlhfTrainer):
             out = spec.fn(pol, ref if not spec.reference_free else None, inputs["scores"], mask, **hyper)
             total = total + weight * out.loss
             metrics = {**out.metrics, **metrics}
-        if self.args.rpo_alpha:  # the chosen answer of a list is its best-scored response
-            nll = best_response_nll(pol, inputs["scores"], mask)
+        # the chosen answer of a list is its best-scored response
+        return self._finish_loss(total, metrics, lambda: best_response_nll(pol, inputs["scores"], mask),
+                                 seq_logps, seq_lens, ref_seq)
+
+    def _finish_loss(self, total, metrics, chosen_nll_of, seq_logps, seq_lens, ref_seq):
+        """``total`` plus ``rpo_alpha`` times the chosen answers' NLL (``chosen_nll_of()``, computed only when the
+        term is on), and the k1 estimate of KL(policy || ref) per token on the data's completions."""
+        if self.args.rpo_alpha:
+            nll = chosen_nll_of()
             total = total + self.args.rpo_alpha * nll
             metrics["nll_loss"] = nll.detach()
-        if ref is not None:
+        if ref_seq is not None:
             metrics["kl"] = ((seq_logps - ref_seq).sum() / seq_lens.sum().clamp(min=1)).detach()
         return total, metrics
