@@ -145,3 +145,142 @@ def test_bad_settings_are_refused(kwargs):
         KLBudgetCallback(PROMPTS, max_kl=1.0, near_budget=1.5)
     with pytest.raises(ValueError, match="at least one prompt"):
         KLBudgetCallback([], max_kl=1.0)
+
+
+def _lora_b_energy(model):
+    return sum(float(p.detach().pow(2).sum()) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+SCALE = 2.0  # the scripted KL's factor: with lr 2e-3 it passes 0.5 nats after a few steps
+
+
+def _scripted_kl(monkeypatch, holder, power, scale):
+    """KL estimates scripted as ``scale * (sum of squared LoRA B entries) ** (power / 2)``: scaling every B by lam
+    multiplies them by ``lam ** power``, which is what the interpolation's search has to find."""
+    import hfrlhf.callbacks as callbacks
+
+    monkeypatch.setattr(callbacks, "_sample_kl", lambda model, *a, **k: torch.full(
+        (3,), scale * _lora_b_energy(holder["trainer"].model) ** (power / 2)))
+
+
+@pytest.mark.parametrize("power, tries", [(2, 1), (3, 2)])
+def test_interpolation_finds_the_budget_on_the_line_to_the_reference(tmp_path, monkeypatch, power, tries):
+    # KL = c * lam ** p along the line. p = 2 (the first guess's model) lands on the target at once; p = 3 needs a
+    # second try, fitted through the first: both land on the middle of [0.85, 1) * max_kl up to float rounding
+    holder = {}
+    _scripted_kl(monkeypatch, holder, power, scale=SCALE)
+    tok = build_tiny_tokenizer()
+    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=1, first_step=1, near_budget=None,
+                              interpolate_past=2.0, interpolate_tries=3, max_new_tokens=8)
+    trainer = holder["trainer"] = _dpo_with_budget(tmp_path, tok, budget, max_steps=60, learning_rate=2e-3)
+    trainer.train()
+    kls = [k for _, k in budget.estimates]
+    assert kls[-1] >= 1.0 and all(k < 1.0 for k in kls[:-1])  # trained on past 0.5 up to 2 * 0.5
+    assert any(0.5 <= k < 1.0 for k in kls), kls
+    assert len(budget.interpolation) == tries
+    lam, got = budget.interpolation[-1]
+    target = 0.925 * 0.5
+    assert got == pytest.approx(target, rel=1e-4)
+    assert lam == pytest.approx((target / kls[-1]) ** (1 / power), rel=1e-4)
+    assert budget.kept_lambda == lam and budget.kept_step is None
+    # the model ends at that lam: its scripted estimate is the interpolation's
+    assert SCALE * _lora_b_energy(trainer.model) ** (power / 2) == pytest.approx(got, rel=1e-5)
+    assert {"kl_budget/kept_lambda": lam, "step": budget.stopped_at} in trainer.state.log_history
+
+
+def test_interpolation_that_finds_no_lam_under_the_budget_rolls_back(tmp_path, monkeypatch):
+    import hfrlhf.callbacks as callbacks
+
+    holder = {}
+    _scripted_kl(monkeypatch, holder, 2, scale=SCALE)
+    real = KLBudgetCallback.interpolate
+
+    def stubborn(self, model, kl, estimate):  # every interpolated estimate comes out over the budget
+        return real(self, model, kl, lambda: 10.0)
+
+    monkeypatch.setattr(callbacks.KLBudgetCallback, "interpolate", stubborn)
+    tok = build_tiny_tokenizer()
+    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=1, first_step=1, near_budget=None,
+                              interpolate_past=2.0, interpolate_tries=2, max_new_tokens=8)
+    trainer = holder["trainer"] = _dpo_with_budget(tmp_path, tok, budget, max_steps=60, learning_rate=2e-3)
+    trainer.train()
+    assert len(budget.interpolation) == 2 and budget.kept_lambda is None
+    kept = max(s for s, k in budget.estimates if k < 0.5)
+    assert budget.kept_step == kept
+    assert SCALE * _lora_b_energy(trainer.model) == pytest.approx(dict(budget.estimates)[kept], rel=1e-5)
+
+
+def test_interpolation_scales_the_adapters_update_and_nothing_else(tmp_path, monkeypatch):
+    # the kept model is W + lam * s * B A with A as trained: B scaled, A untouched, and dividing peft's own scaling
+    # by lam gives back the trained model's logits
+    from peft.tuners.lora import LoraLayer
+
+    holder, seen = {}, {}
+    _scripted_kl(monkeypatch, holder, 2, scale=SCALE)
+    real = KLBudgetCallback.interpolate
+
+    def spy(self, model, kl, estimate):
+        seen.update({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+        return real(self, model, kl, estimate)
+
+    monkeypatch.setattr(KLBudgetCallback, "interpolate", spy)
+    tok = build_tiny_tokenizer()
+    budget = KLBudgetCallback(PROMPTS, max_kl=0.5, every_n_steps=1, first_step=1, near_budget=None,
+                              interpolate_past=2.0, max_new_tokens=8)
+    trainer = holder["trainer"] = _dpo_with_budget(tmp_path, tok, budget, max_steps=60, learning_rate=2e-3)
+    trainer.train()
+    lam, model = budget.kept_lambda, trainer.model
+    assert lam is not None and 0 < lam < 1
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == set(seen) and any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    for name, p in model.named_parameters():
+        if name in seen:
+            torch.testing.assert_close(p.detach(), seen[name] * lam if "lora_B" in name else seen[name],
+                                       rtol=0, atol=0)
+    ids = torch.tensor([tok("Review the film, please.")["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        kept = model(input_ids=ids).logits
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.scaling = {k: v / lam for k, v in m.scaling.items()}
+        undone = model(input_ids=ids).logits
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.scaling = {k: v * lam for k, v in m.scaling.items()}
+        for name, p in model.named_parameters():
+            if name in seen:
+                p.copy_(seen[name])
+        trained = model(input_ids=ids).logits
+    torch.testing.assert_close(undone, trained, rtol=1e-5, atol=1e-5)
+    assert (kept - trained).abs().max() > 1e-4  # and the kept model is not the trained one
+
+
+def test_interpolation_moves_other_weights_on_the_line_from_their_start():
+    # no adapter: every trainable weight goes W0 + lam * (W - W0); estimates scripted as 8 * |W - W0|^2 (p = 2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    trained = {k: v.detach().clone() for k, v in model.named_parameters()}
+    dist = sum(float((trained[k] - start[k]).pow(2).sum()) for k in start)
+    budget = KLBudgetCallback(PROMPTS, max_kl=dist, interpolate_past=2.0)
+    budget._start = start
+
+    def estimate():
+        return 8.0 * sum(float((v - start[k]).pow(2).sum()) for k, v in model.named_parameters())
+
+    budget.interpolate(model, estimate(), estimate)
+    lam = budget.kept_lambda
+    assert lam == pytest.approx((0.925 / 8) ** 0.5, rel=1e-6) and len(budget.interpolation) == 1
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(v.detach(), start[k] + lam * (trained[k] - start[k]))
+
+
+def test_bad_interpolation_settings_are_refused():
+    for kwargs in (dict(interpolate_past=0.9), dict(interpolate_past=2.0, interpolate_tries=0),
+                   dict(interpolate_past=2.0, interpolate_low=1.0)):
+        with pytest.raises(ValueError, match="interpolate_past >= 1"):
+            KLBudgetCallback(PROMPTS, max_kl=1.0, **kwargs)

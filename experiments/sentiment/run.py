@@ -59,7 +59,10 @@ class Method:
     budget_first: int | None = None
     budget_every: int | None = None
     # the fraction of the budget past which every step is estimated (KLBudgetCallback's near_budget)
-    budget_near: float = 0.7
+    budget_near: float | None = 0.7
+    # train on until the KL reaches this multiple of the budget, then interpolate the weights back toward the
+    # reference into it (KLBudgetCallback's interpolate_past); None: stop at the budget and roll back
+    budget_interpolate: float | None = None
 
 
 COMMON: dict[str, Any] = {"lr_scheduler_type": "constant", "logging_steps": 5, "save_strategy": "no",
@@ -415,6 +418,7 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
         first = method.budget_first or max(1, settings.get("max_steps", 3) // 3)
         budget = KLBudgetCallback([as_messages(p) for p in exp.kl_budget_prompts], tokenizer, max_kl=exp.kl_budget,
                                   every_n_steps=every, first_step=first, near_budget=method.budget_near,
+                                  interpolate_past=method.budget_interpolate,
                                   max_new_tokens=g.max_new_tokens, temperature=g.temperature, batch_size=g.batch_size,
                                   seed=exp.seed)
         trainer.add_callback(budget)
@@ -424,7 +428,9 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
     policy.hfrlhf_snapshots = snapshots
     policy.hfrlhf_kl_budget = None if budget is None else {
         "max_kl": budget.max_kl, "estimates": budget.estimates, "stopped_at": budget.stopped_at,
-        "kept_step": budget.kept_step, "steps": trainer.state.global_step}
+        "kept_step": budget.kept_step, "steps": trainer.state.global_step,
+        **({"interpolation": budget.interpolation, "kept_lambda": budget.kept_lambda}
+           if budget.interpolate_past is not None else {})}
     logs = [h for h in trainer.state.log_history if "loss" in h or "objective/scores" in h]
     return policy, tokenizer, logs
 
@@ -498,7 +504,10 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
         if getattr(policy, "hfrlhf_kl_budget", None) is not None:
             metrics["kl_budget"] = policy.hfrlhf_kl_budget
             log(f"[{name}] KL budget {exp.kl_budget}: estimates {policy.hfrlhf_kl_budget['estimates']}, trained "
-                f"{policy.hfrlhf_kl_budget['steps']} steps, weights of step {policy.hfrlhf_kl_budget['kept_step']} kept")
+                f"{policy.hfrlhf_kl_budget['steps']} steps, weights of step {policy.hfrlhf_kl_budget['kept_step']} kept"
+                + (f"; interpolated {policy.hfrlhf_kl_budget['interpolation']}, lam "
+                   f"{policy.hfrlhf_kl_budget['kept_lambda']} kept" if "interpolation" in policy.hfrlhf_kl_budget
+                   else ""))
         snapshots = getattr(policy, "hfrlhf_snapshots", None)
         if snapshots is not None:  # the same policy earlier in its training (development runs)
             metrics["at_step"] = {}
@@ -664,13 +673,18 @@ def update_docs(all_results: Sequence[dict[str, Any]], doc: Path, plot_path: Pat
     doc.write_text(f"{head}{TABLE_START}\n{results_table(all_results)}\n{TABLE_END}{tail}")
 
 
+BUDGET_FIELDS = {"budget_first", "budget_every", "budget_near", "budget_interpolate"}
+
+
 def apply_settings(methods: dict[str, Method], assignments: Sequence[str]) -> dict[str, Method]:
     """``methods`` with ``name.key=value`` assignments applied (``value`` read as JSON when it parses, else text;
-    ``name.data=...`` changes the dataset kind). The originals are left untouched.
+    ``name.data=...`` changes the dataset kind, ``name.budget_<x>=...`` the KL budget's settings of :class:`Method`).
+    The originals are left untouched.
 
-    >>> m = apply_settings({"dpo": Method("dpo", "pairwise", {"beta": 0.1})}, ["dpo.beta=0.5", "dpo.data=listwise"])
-    >>> m["dpo"].config, m["dpo"].data
-    ({'beta': 0.5}, 'listwise')
+    >>> m = apply_settings({"dpo": Method("dpo", "pairwise", {"beta": 0.1})},
+    ...                    ["dpo.beta=0.5", "dpo.data=listwise", "dpo.budget_interpolate=1.5"])
+    >>> m["dpo"].config, m["dpo"].data, m["dpo"].budget_interpolate
+    ({'beta': 0.5}, 'listwise', 1.5)
     """
     out = {n: replace(m, config=dict(m.config)) for n, m in methods.items()}
     for item in assignments:
@@ -682,8 +696,8 @@ def apply_settings(methods: dict[str, Method], assignments: Sequence[str]) -> di
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if key == "data":
-            out[name].data = value
+        if key == "data" or key in BUDGET_FIELDS:
+            setattr(out[name], key, value)
         else:
             out[name].config[key] = value
     return out
