@@ -445,6 +445,35 @@ def test_a_reward_model_ensemble_is_trained_standardised_and_scored_as_one(tmp_p
     assert (metrics["members"], metrics["combine"], metrics["std_coef"]) == (2, "mean_minus_std", 0.5)
 
 
+def test_a_saved_reward_model_is_reloaded_only_for_the_same_recipe(tmp_path):
+    """--reward_model_from: every member trained by one run is reloaded by the next (the same scores, so the same
+    metrics), and a folder trained with another seed or settings, or without the saved members, is refused."""
+    exp = _tiny_experiment(tmp_path)
+    method = runner.apply_settings({"reward_model": exp.methods["reward_model"]},
+                                   ["reward_model.members=2"])["reward_model"]
+    trained, metrics = runner.train_reward_model(exp, method)
+    again = runner.Experiment(**{**vars(exp), "output_dir": tmp_path / "again", "reward_model_from": tmp_path / "out"})
+    loaded, metrics_loaded = runner.train_reward_model(again, method)
+    assert not (tmp_path / "again").exists()  # nothing trained
+    for a, b in zip(trained.members, loaded.members):
+        torch.testing.assert_close(a.score.weight, b.score.weight, rtol=0, atol=0)
+    tok = exp.load_policy()[1]
+    ps, texts, _, _ = runner.validation_texts(exp.data_dir)
+    torch.testing.assert_close(torch.tensor(runner.score_texts(loaded, tok, ps, texts)),
+                               torch.tensor(runner.score_texts(trained, tok, ps, texts)), rtol=0, atol=1e-5)
+    assert metrics_loaded["reward_scale"] == pytest.approx(metrics["reward_scale"], rel=1e-5)
+    assert metrics_loaded["accuracy"] == metrics["accuracy"]
+    other_seed = runner.Experiment(**{**vars(again), "seed": 1})
+    with pytest.raises(ValueError, match=r"trained with other settings \(seed: "):
+        runner.train_reward_model(other_seed, method)
+    other_lr = runner.apply_settings({"reward_model": method}, ["reward_model.learning_rate=0.5"])["reward_model"]
+    with pytest.raises(ValueError, match=r"other settings \(config: "):
+        runner.train_reward_model(again, other_lr)
+    nowhere = runner.Experiment(**{**vars(again), "reward_model_from": tmp_path / "missing"})
+    with pytest.raises(ValueError, match="hfrlhf_reward_recipe.json not found"):
+        runner.train_reward_model(nowhere, method)
+
+
 def _run_result(gold_ref=0.25, **methods):
     return {"seed": 3, "eval_set": "held-out", "eval_prompts": 100, "eval_samples_per_prompt": 2,
             "generation": {"max_new_tokens": 40}, "reference": {"gold": gold_ref, "length": 30.0, "seconds": 40.0},

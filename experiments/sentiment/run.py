@@ -175,6 +175,9 @@ class Experiment:
     kl_budget: float | None = None
     kl_budget_every: int | None = None  # None: each method's budget_every (2 for a method without one)
     kl_budget_prompts: list[str] = field(default_factory=unseen_dev_prompts)
+    # load the reward model (every member) saved by an earlier run of the same seed and settings in this folder
+    # instead of training it again (see train_reward_model)
+    reward_model_from: Path | None = None
 
 
 def _bundled_policy() -> tuple[Any, Any]:
@@ -326,12 +329,21 @@ def train_reward_model(exp: Experiment, method: Method) -> tuple[Any, dict[str, 
     for k in range(n):
         model = (exp.load_reward or _bundled_reward)()
         model.config.pad_token_id = tokenizer.pad_token_id
-        out = exp.output_dir / ("reward_model" if k == 0 else f"reward_model_member{k}")
-        args = RewardConfig(output_dir=str(out), seed=exp.seed + MEMBER_SEED_STEP * k, **{**COMMON, **config})
-        trainer = RewardTrainer(model, args=args, train_dataset=_records(exp, method.data),
-                                processing_class=tokenizer, peft_config=_lora("SEQ_CLS", model, exp.lora_layers))
-        trainer.train()
-        members.append(trainer.model.merge_and_unload().eval())
+        name = "reward_model" if k == 0 else f"reward_model_member{k}"
+        # what the member's training depends on, saved beside it: a reload must match all of it
+        recipe = {"seed": exp.seed + MEMBER_SEED_STEP * k, "config": config, "data": method.data,
+                  "lora_layers": exp.lora_layers, "max_train_rows": exp.max_train_rows}
+        if exp.reward_model_from is not None:
+            members.append(_load_member(exp.reward_model_from / name, model, recipe))
+        else:
+            out = exp.output_dir / name
+            args = RewardConfig(output_dir=str(out), seed=recipe["seed"], **{**COMMON, **config})
+            trainer = RewardTrainer(model, args=args, train_dataset=_records(exp, method.data),
+                                    processing_class=tokenizer, peft_config=_lora("SEQ_CLS", model, exp.lora_layers))
+            trainer.train()
+            trainer.save_model()  # the adapter and the score head, for --reward_model_from
+            (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+            members.append(trainer.model.merge_and_unload().eval())
         raw.append(score_texts(members[-1], tokenizer, prompts, texts))
         accuracies.append(reward_model_accuracy(members[-1], tokenizer, exp.data_dir, raw[-1])["accuracy"])
     if n == 1:
@@ -342,6 +354,26 @@ def train_reward_model(exp: Experiment, method: Method) -> tuple[Any, dict[str, 
         (torch.tensor(raw) - reward_model.offset[:, None]) / reward_model.scale[:, None]).tolist()
     metrics = reward_model_accuracy(reward_model, tokenizer, exp.data_dir, combined)
     return reward_model, {**metrics, "member_accuracy": accuracies, **ensemble}
+
+
+RECIPE_FILE = "hfrlhf_reward_recipe.json"
+
+
+def _load_member(folder: Path, model: Any, recipe: dict[str, Any]) -> Any:
+    """The reward model saved in ``folder`` by an earlier run, on ``model`` (a fresh backbone), checked to have been
+    trained with ``recipe`` (seed, settings, data, adapted layers): anything else would not be this run's model."""
+    from peft import PeftModel
+
+    path = folder / RECIPE_FILE
+    if not path.is_file():
+        raise ValueError(f"--reward_model_from: {path} not found; point it at the output folder of a run that "
+                         "trained the reward model (it saves every member with this file)")
+    saved = json.loads(path.read_text())
+    wrong = sorted(k for k in recipe if saved.get(k) != json.loads(json.dumps(recipe[k])))
+    if wrong:
+        raise ValueError(f"--reward_model_from: {path} was trained with other settings ({', '.join(wrong)}: "
+                         f"{ {k: saved.get(k) for k in wrong} } against this run's { {k: recipe[k] for k in wrong} })")
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
 
 
 class _Snapshots(TrainerCallback):
@@ -484,7 +516,9 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
             reward_model, metrics = train_reward_model(exp, method)
             exp.reward_scale = metrics["reward_scale"]
             results["reward_model"] = {**metrics, "seconds": time.time() - t, "config": method.config,
-                                       "data": method.data, "load_average": os.getloadavg()[0]}
+                                       "data": method.data, "load_average": os.getloadavg()[0],
+                                       **({"loaded_from": str(exp.reward_model_from)} if exp.reward_model_from
+                                          else {})}
             _write(exp, results, started)
             log(f"[reward_model] validation pair accuracy {metrics['accuracy']:.3f} ({metrics['pairs']} pairs), "
                 f"best-vs-worst {metrics['accuracy_best_worst']:.3f} ({time.time() - t:.0f} s)")
@@ -760,6 +794,7 @@ def _run_workers(args: argparse.Namespace, groups: list[list[str]], output_dir: 
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--dev", args.dev] if args.dev else []
         cmd += ["--eval_at", args.eval_at] if args.eval_at else []
+        cmd += ["--reward_model_from", str(args.reward_model_from)] if args.reward_model_from else []
         cmd += ["--kl_budget", str(args.kl_budget or 0)]  # 0: none (the worker would otherwise take the default)
         cmd += ["--kl_budget_every", str(args.kl_budget_every)] if args.kl_budget and args.kl_budget_every else []
         for item in args.set:
@@ -816,11 +851,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "from every results_seed*.json in output_dir")
     parser.add_argument("--keep_from", type=Path, default=None, help="an earlier results_seed<N>.json of the same "
                         "seed: the methods this run does not train are kept from it (see keep_earlier)")
+    parser.add_argument("--reward_model_from", type=Path, default=None, help="load the reward model (every "
+                        "member) from this output folder of an earlier run of the same seed and reward-model "
+                        "settings instead of training it (checked); for trying settings of ppo_rm and rloo")
     parser.add_argument("--results_suffix", default="", help=argparse.SUPPRESS)  # set for the worker processes
     args = parser.parse_args(argv)
     if args.kl_budget is not None and args.kl_budget < 0:
         parser.error(f"--kl_budget {args.kl_budget}: a KL in nats, at least 0 (0: no budget, the fixed step counts)")
     args.kl_budget = resolve_kl_budget(args.kl_budget, dev=args.dev, reduced=args.reduced)
+    if args.reward_model_from is not None and not (args.reward_model_from / "reward_model" / RECIPE_FILE).is_file():
+        parser.error(f"--reward_model_from {args.reward_model_from}: no saved reward model there (expected "
+                     f"reward_model/{RECIPE_FILE}, written by a run that trained it)")
     earlier = None
     if args.keep_from is not None:  # checked before anything trains
         try:
@@ -878,7 +919,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             results = _run_workers(args, groups, out)
         else:
-            exp = Experiment(seed=args.seed, methods=methods, output_dir=out,
+            exp = Experiment(seed=args.seed, methods=methods, output_dir=out, reward_model_from=args.reward_model_from,
                              eval_samples=args.eval_samples, results_suffix=args.results_suffix, **evaluation)
             results = run(exp)
     if args.results_suffix:
