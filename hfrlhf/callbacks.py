@@ -41,6 +41,7 @@ from hfrlhf.ops.casts import shared_weight_casts
 from hfrlhf.ops.logprobs import batch_logprobs
 from hfrlhf.ops.rollout import (
     generate,
+    generate_with_logprobs,
     make_generation_config,
     reference_logps,
     sequence_batch,
@@ -75,23 +76,32 @@ def sample_kl(
     batch_size: int = 16,
     seed: int = 0,
     bf16: bool = False,
+    rescore_policy: bool = False,
 ) -> torch.Tensor:
     """``(len(prompts),)`` per-sample estimates of KL(policy || reference), one completion per prompt.
 
     ``prompts`` are chat message lists or raw text, tokenized as prompt-only training data is.
     Each completion is sampled from ``model`` at ``temperature`` and stops at the tokenizer's EOS token; its
-    estimate is ``sum_t log p(y_t) - log q(y_t)`` over its tokens, both at ``temperature`` and from one teacher-forced
-    pass each (so a policy equal to its reference gives exactly 0), ``q`` being
+    estimate is ``sum_t log p(y_t) - log q(y_t)`` over its tokens, both at ``temperature``, ``q`` being
     ``ref_model`` or ``model`` with its adapters disabled. The mean is an unbiased estimate of the KL. The random
     stream restarts from ``seed`` and is restored afterwards; ``bf16`` samples under bf16 autocast.
+
+    ``log q`` comes from one teacher-forced pass. ``log p`` is read from the logits the sampling computed anyway
+    (:func:`hfrlhf.ops.rollout.generate_with_logprobs`), which saves a forward pass of the policy, about a quarter
+    of the estimate's time; those logits come from the cached decode, which multiplies in another order than a
+    full pass, so a policy equal to its reference gives float-rounding noise instead of 0 (under 1e-3 nats per
+    completion of 40 tokens on the bundled model in float32). ``rescore_policy=True`` takes ``log p`` from a
+    teacher-forced pass like ``log q``: exactly 0 for the reference itself, at the cost of that pass.
     """
     return _sample_kl(model, tokenizer, _prompt_ids(tokenizer, prompts), ref_model=ref_model,
-                      max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed, bf16=bf16)
+                      max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed, bf16=bf16,
+                      rescore_policy=rescore_policy)
 
 
 @torch.no_grad()
 def _sample_kl(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *, ref_model: nn.Module | None,
-               max_new_tokens: int, temperature: float, batch_size: int, seed: int, bf16: bool) -> torch.Tensor:
+               max_new_tokens: int, temperature: float, batch_size: int, seed: int, bf16: bool,
+               rescore_policy: bool = False) -> torch.Tensor:
     """:func:`sample_kl` on prompts already tokenized."""
     policy = unwrap(model)
     device = next(policy.parameters()).device
@@ -111,11 +121,17 @@ def _sample_kl(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *,
             for start in range(0, len(prompt_ids), batch_size):
                 prompt_batch = collate([{"prompt_ids": p} for p in prompt_ids[start:start + batch_size]])
                 ids, mask = prompt_batch["input_ids"].to(device), prompt_batch["attention_mask"].to(device)
-                responses = truncate_at_stop(generate(policy, ids, mask, config), stops, tokenizer.pad_token_id)
-                batch = sequence_batch(ids, mask, responses, tokenizer.pad_token_id)
-                # both log-probs from the same teacher-forced computation: a policy equal to its reference gives 0
-                token_kl = (batch_logprobs(policy, batch, temperature=temperature).token_logps
-                            - reference_logps(policy, batch, ref_model, temperature=temperature))  # (N,) scored tokens
+                if rescore_policy:
+                    responses = truncate_at_stop(generate(policy, ids, mask, config), stops, tokenizer.pad_token_id)
+                    batch = sequence_batch(ids, mask, responses, tokenizer.pad_token_id)
+                    # both log-probs from the same teacher-forced computation: a policy equal to its reference gives 0
+                    policy_logps = batch_logprobs(policy, batch, temperature=temperature).token_logps
+                else:
+                    generated, step_logps = generate_with_logprobs(policy, ids, mask, config, temperature)
+                    responses = truncate_at_stop(generated, stops, tokenizer.pad_token_id)
+                    batch = sequence_batch(ids, mask, responses, tokenizer.pad_token_id)
+                    policy_logps = step_logps[responses.mask]  # row-major: the order of the batch's scored tokens
+                token_kl = policy_logps - reference_logps(policy, batch, ref_model, temperature=temperature)  # (N,)
                 seq_kl = torch.zeros(len(prompt_batch["input_ids"]), dtype=torch.float64, device=device)
                 out.append(seq_kl.index_add_(0, batch["target_seq"], token_kl.double()))
     finally:
@@ -146,6 +162,8 @@ class KLBudgetCallback(TrainerCallback):
         interpolate_tries: estimates the interpolation may spend; it stops early once an estimate lands in
             ``[interpolate_low * max_kl, max_kl)``.
         max_new_tokens, temperature, batch_size, seed: sampling settings; use the evaluation's.
+        rescore_policy: take the policy's log-probs from a second, teacher-forced pass instead of the sampling's
+            logits (see :func:`sample_kl`: exact 0 for the reference itself, one more forward pass per estimate).
 
     The last step of training (``max_steps``) is always estimated, so a run that ends without reaching the budget
     ends with weights known to be inside it. ``estimates`` keeps ``(step, kl)`` of every estimate; ``stopped_at``
@@ -180,6 +198,7 @@ class KLBudgetCallback(TrainerCallback):
         temperature: float = 1.0,
         batch_size: int = 16,
         seed: int = 0,
+        rescore_policy: bool = False,
     ) -> None:
         if not prompts:
             raise ValueError("KLBudgetCallback needs at least one prompt")
@@ -204,7 +223,8 @@ class KLBudgetCallback(TrainerCallback):
         self.interpolate_low = interpolate_low
         self.interpolation: list[tuple[float, float]] = []
         self.kept_lambda: float | None = None
-        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
+                             rescore_policy=rescore_policy)
         self.estimates: list[tuple[int, float]] = []
         self.stopped_at: int | None = None
         self.kept_step: int | None = None

@@ -38,16 +38,24 @@ def _by_hand(model, ref, tok, prompt, completion_ids, temperature):
     return float(logp(model) - logp(ref))
 
 
-def test_sample_kl_is_zero_for_the_reference_itself_and_matches_plain_forwards():
+@pytest.mark.parametrize("rescore_policy", [False, True])
+def test_sample_kl_is_zero_for_the_reference_itself_and_matches_plain_forwards(rescore_policy):
     tok = build_tiny_tokenizer()
     fresh = _peft(tok)  # LoRA B = 0: the policy is its reference
-    assert torch.equal(sample_kl(fresh, tok, PROMPTS, max_new_tokens=8), torch.zeros(len(PROMPTS)))
+    kl_fresh = sample_kl(fresh, tok, PROMPTS, max_new_tokens=8, rescore_policy=rescore_policy)
+    if rescore_policy:  # both log-probs from teacher-forced passes of the same weights
+        assert torch.equal(kl_fresh, torch.zeros(len(PROMPTS)))
+    else:  # the policy's from the cached decode: rounding only
+        torch.testing.assert_close(kl_fresh, torch.zeros(len(PROMPTS)), atol=1e-4, rtol=0)
 
     policy, ref = _peft(tok, b_std=0.3), build_tiny_llama(tok, seed=1)
-    kl = sample_kl(policy, tok, PROMPTS, max_new_tokens=8, temperature=0.7, seed=3)
-    kl_explicit = sample_kl(policy, tok, PROMPTS, ref_model=ref, max_new_tokens=8, temperature=0.7, seed=3)
+    kl = sample_kl(policy, tok, PROMPTS, max_new_tokens=8, temperature=0.7, seed=3, rescore_policy=rescore_policy)
+    kl_explicit = sample_kl(policy, tok, PROMPTS, ref_model=ref, max_new_tokens=8, temperature=0.7, seed=3,
+                            rescore_policy=rescore_policy)
     torch.testing.assert_close(kl, kl_explicit, atol=1e-5, rtol=0)  # adapter off == the base model
     assert kl.abs().max() > 0.01
+    other = sample_kl(policy, tok, PROMPTS, max_new_tokens=8, temperature=0.7, seed=3, rescore_policy=not rescore_policy)
+    torch.testing.assert_close(kl, other, atol=1e-4, rtol=0)  # the same samples, either way of scoring the policy
 
     # the same samples again (same seed, the same batch of prompts), scored by hand
     batch = PromptCollator(tok.pad_token_id)([{"prompt_ids": p} for p in _prompt_ids(tok, PROMPTS)])
@@ -101,7 +109,8 @@ def test_rollback_before_the_first_estimate_under_the_budget_restores_the_initia
                          callbacks=[budget])
     trainer.train()
     assert budget.stopped_at == 1 and budget.kept_step == 0
-    assert torch.equal(sample_kl(trainer.model, tok, PROMPTS, max_new_tokens=8), torch.zeros(len(PROMPTS)))
+    assert torch.equal(sample_kl(trainer.model, tok, PROMPTS, max_new_tokens=8, rescore_policy=True),
+                       torch.zeros(len(PROMPTS)))
 
 
 def _dpo_with_budget(tmp_path, tok, budget, max_steps, learning_rate):
