@@ -63,6 +63,8 @@ class Method:
     # train on until the KL reaches this multiple of the budget, then interpolate the weights back toward the
     # reference into it (KLBudgetCallback's interpolate_past); None: stop at the budget and roll back
     budget_interpolate: float | None = None
+    # LoRA settings that replace :data:`LORA`'s for this method (``--set dpo.lora.r=4``)
+    lora: dict[str, Any] = field(default_factory=dict)
 
 
 COMMON: dict[str, Any] = {"lr_scheduler_type": "constant", "logging_steps": 5, "save_strategy": "no",
@@ -206,16 +208,18 @@ def _records(exp: Experiment, kind: str) -> list[dict[str, Any]]:
     return rows[:exp.max_train_rows] if exp.max_train_rows else rows
 
 
-def _lora(task_type: str, model: Any = None, top_layers: int | None = None) -> Any:
+def _lora(task_type: str, model: Any = None, top_layers: int | None = None, overrides: dict[str, Any] | None = None
+          ) -> Any:
     """The LoRA adapter of every method: every linear layer of the ``top_layers`` last decoder layers of ``model``
-    (all of them when None). The layers below are frozen, so backward stops at the lowest adapted layer."""
+    (all of them when None), with :data:`LORA`'s settings updated by ``overrides``. The layers below are frozen, so
+    backward stops at the lowest adapted layer."""
     from peft import LoraConfig
 
     extra: dict[str, Any] = {"modules_to_save": ["score"]} if task_type == "SEQ_CLS" else {}
     if top_layers is not None and model is not None:
         n = model.config.num_hidden_layers
         extra["layers_to_transform"] = list(range(max(0, n - top_layers), n))
-    return LoraConfig(task_type=task_type, bias="none", **LORA, **extra)
+    return LoraConfig(task_type=task_type, bias="none", **{**LORA, **(overrides or {})}, **extra)
 
 
 def dev_groups(data_dir: Path = DATA_DIR) -> list[dict[str, Any]]:
@@ -332,14 +336,16 @@ def train_reward_model(exp: Experiment, method: Method) -> tuple[Any, dict[str, 
         name = "reward_model" if k == 0 else f"reward_model_member{k}"
         # what the member's training depends on, saved beside it: a reload must match all of it
         recipe = {"seed": exp.seed + MEMBER_SEED_STEP * k, "config": config, "data": method.data,
-                  "lora_layers": exp.lora_layers, "max_train_rows": exp.max_train_rows}
+                  "lora_layers": exp.lora_layers, "max_train_rows": exp.max_train_rows,
+                  **({"lora": method.lora} if method.lora else {})}
         if exp.reward_model_from is not None:
             members.append(_load_member(exp.reward_model_from / name, model, recipe))
         else:
             out = exp.output_dir / name
             args = RewardConfig(output_dir=str(out), seed=recipe["seed"], **{**COMMON, **config})
             trainer = RewardTrainer(model, args=args, train_dataset=_records(exp, method.data),
-                                    processing_class=tokenizer, peft_config=_lora("SEQ_CLS", model, exp.lora_layers))
+                                    processing_class=tokenizer,
+                                    peft_config=_lora("SEQ_CLS", model, exp.lora_layers, method.lora))
             trainer.train()
             trainer.save_model()  # the adapter and the score head, for --reward_model_from
             (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
@@ -415,7 +421,7 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
     data = _records(exp, method.data)
     if method.trainer == "dpo":
         trainer = DPOTrainer(model, args=DPOConfig(**settings), train_dataset=data, processing_class=tokenizer,
-                             peft_config=_lora("CAUSAL_LM", model, exp.lora_layers))
+                             peft_config=_lora("CAUSAL_LM", model, exp.lora_layers, method.lora))
     elif method.trainer == "kto":
         # weight the minority class up so desirable : undesirable mass is 1 (the KTO paper's range is [1, 4/3])
         n_good = sum(bool(r["label"]) for r in data)
@@ -426,7 +432,7 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
             else:
                 settings["undesirable_weight"] = n_good / n_bad
         trainer = KTOTrainer(model, args=KTOConfig(**settings), train_dataset=data, processing_class=tokenizer,
-                             peft_config=_lora("CAUSAL_LM", model, exp.lora_layers))
+                             peft_config=_lora("CAUSAL_LM", model, exp.lora_layers, method.lora))
     elif method.trainer == "ppo":
         reward = vader_sentiment if method.reward == "gold" else reward_model
         if reward is None:
@@ -435,7 +441,7 @@ def train_policy(exp: Experiment, name: str, method: Method, reward_model: Any =
         if method.reward == "model" and "kl_coef" in settings:  # kl_coef is in gold-reward units: see reward_scale
             settings["kl_coef"] = settings["kl_coef"] * exp.reward_scale
         trainer = PPOTrainer(PPOConfig(**settings), tokenizer, model, reward_model=reward, train_dataset=data,
-                             peft_config=_lora("CAUSAL_LM", model, exp.lora_layers))
+                             peft_config=_lora("CAUSAL_LM", model, exp.lora_layers, method.lora))
     else:
         raise ValueError(f"unknown trainer {method.trainer!r}")
     snapshots = _Snapshots(exp.eval_at, trainer.model) if exp.eval_at else None
@@ -557,7 +563,8 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> dict[str, Any]:
                     f"length {m['length']:.1f}")
         metrics.update(label=method.label or name, train_seconds=train_seconds,
                        eval_seconds=time.time() - t - train_seconds, config=method.config, data=method.data,
-                       reward=method.reward, train_log=logs[-3:], load_average=os.getloadavg()[0])
+                       reward=method.reward, train_log=logs[-3:], load_average=os.getloadavg()[0],
+                       **({"lora": method.lora} if method.lora else {}))
         results["methods"][name] = metrics
         _write(exp, results, started)
         log(f"[{name}] gold {metrics['gold']:.3f} (reference {reference['gold']:.3f}), win {metrics['win_rate']:.2f}, "
@@ -712,15 +719,15 @@ BUDGET_FIELDS = {"budget_first", "budget_every", "budget_near", "budget_interpol
 
 def apply_settings(methods: dict[str, Method], assignments: Sequence[str]) -> dict[str, Method]:
     """``methods`` with ``name.key=value`` assignments applied (``value`` read as JSON when it parses, else text;
-    ``name.data=...`` changes the dataset kind, ``name.budget_<x>=...`` the KL budget's settings of :class:`Method`).
-    The originals are left untouched.
+    ``name.data=...`` changes the dataset kind, ``name.budget_<x>=...`` the KL budget's settings of :class:`Method`,
+    ``name.lora.<x>=...`` its LoRA settings). The originals are left untouched.
 
     >>> m = apply_settings({"dpo": Method("dpo", "pairwise", {"beta": 0.1})},
-    ...                    ["dpo.beta=0.5", "dpo.data=listwise", "dpo.budget_interpolate=1.5"])
-    >>> m["dpo"].config, m["dpo"].data, m["dpo"].budget_interpolate
-    ({'beta': 0.5}, 'listwise', 1.5)
+    ...                    ["dpo.beta=0.5", "dpo.data=listwise", "dpo.budget_interpolate=1.5", "dpo.lora.r=4"])
+    >>> m["dpo"].config, m["dpo"].data, m["dpo"].budget_interpolate, m["dpo"].lora
+    ({'beta': 0.5}, 'listwise', 1.5, {'r': 4})
     """
-    out = {n: replace(m, config=dict(m.config)) for n, m in methods.items()}
+    out = {n: replace(m, config=dict(m.config), lora=dict(m.lora)) for n, m in methods.items()}
     for item in assignments:
         target, sep, raw = item.partition("=")
         name, dot, key = target.partition(".")
@@ -732,6 +739,8 @@ def apply_settings(methods: dict[str, Method], assignments: Sequence[str]) -> di
             value = raw
         if key == "data" or key in BUDGET_FIELDS:
             setattr(out[name], key, value)
+        elif key.startswith("lora.") and len(key) > 5:
+            out[name].lora[key[5:]] = value
         else:
             out[name].config[key] = value
     return out
