@@ -14,6 +14,7 @@ import torch
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "sentiment"
 sys.path.insert(0, str(EXPERIMENT))
 
+import frontier  # noqa: E402
 import gold_eval as ev  # noqa: E402
 import make_data  # noqa: E402
 import prompts  # noqa: E402
@@ -407,7 +408,7 @@ def test_experiment_doctests_pass():
     import doctest
 
     attempted = {}
-    for module in (runner, make_data, ev, sampling, prompts):
+    for module in (runner, make_data, ev, sampling, prompts, frontier):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
         attempted[module] = result.attempted
@@ -515,3 +516,20 @@ def test_a_rerun_writing_over_its_kept_file_reads_a_copy_the_table_ignores(tmp_p
     assert runner.results_files(tmp_path) == [target]
     other = tmp_path / "elsewhere.json"
     assert runner.protect_kept_file(other, target) == other  # another file is read as it is
+
+
+def test_frontier_estimates_match_closed_forms():
+    scores = [0.9, -0.2, 0.4, 0.4, 0.1]
+    ordered = sorted(scores)
+    for n in range(1, 6):  # the i-th smallest is the best of an n-subset in C(i - 1, n - 1) of the C(5, n) subsets
+        expected = sum(s * math.comb(i, n - 1) for i, s in enumerate(ordered)) / math.comb(5, n)
+        assert frontier.best_of_n(scores, n) == pytest.approx(expected)
+    assert frontier.best_of_n(scores, 1) == pytest.approx(sum(scores) / 5)
+    for beta in (2.0, 0.3, 0.05):  # KL of the tilt = E_p[r] / beta - log mean exp(r / beta)
+        reward, kl = frontier.tilt(scores, beta)
+        log_mean = math.log(sum(math.exp(s / beta) for s in scores) / 5)
+        assert kl == pytest.approx(reward / beta - log_mean, rel=1e-9, abs=1e-12)
+        assert reward == pytest.approx(sum(s * math.exp(s / beta) for s in scores) / sum(math.exp(s / beta) for s in scores))
+    rows = frontier.frontier([[0.0, 1.0, 0.5, 0.5], [0.2, 0.2, -0.4, 0.8]])
+    assert [r["setting"] for r in rows[:3]] == ["n = 2", "n = 3", "n = 4"]
+    assert rows[2]["gain"] == pytest.approx((1.0 + 0.8) / 2 - 2.8 / 8)  # best of all 4 against the mean
