@@ -135,3 +135,27 @@ def test_existing_non_empty_output_dir(tmp_path, tok, caplog):
     assert "already holds checkpoints from an earlier run (checkpoint-5)" in caplog.text
     assert trainer.state.global_step == 1 and (out / "checkpoint-1" / "trainer_state.json").is_file()
     assert (out / "notes.txt").read_text() == "kept" and (out / "checkpoint-5").is_dir()
+
+
+def test_a_prompt_too_long_in_converted_data_names_the_source_row(tmp_path, tok):
+    """KTO unpairs the pairs (source row 2 becomes records 4 and 5) and DPO splits listwise rows into pairs (source
+    row 1 follows the 3 pairs of row 0): the error names the row of the data given, not of the converted records."""
+    long = "Hi " * 40
+    pairs = [*PAIRS[:2], {"prompt": long, "chosen": " yes", "rejected": " no"}]
+    with pytest.raises(DataError) as err:
+        KTOTrainer(build_tiny_llama(tok, seed=1), args=_args(tmp_path, KTOConfig), train_dataset=pairs,
+                   processing_class=tok)
+    assert (err.value.row, err.value.field) == (2, "prompt")
+    assert str(err.value).startswith("train_dataset: row 2, field 'prompt': the prompt has")
+    listwise = [{"prompt": "Hi", "responses": [" a", " b", " c"], "scores": [1.0, 2.0, 3.0]},
+                {"prompt": long, "responses": [" a", " b"], "scores": [1.0, 2.0]}]
+    with pytest.raises(DataError) as err:
+        _dpo(tmp_path, tok, listwise)
+    assert (err.value.row, err.value.field) == (1, "prompt")
+
+
+def test_listwise_rows_of_tied_scores_only_say_why_no_pair_is_left(tmp_path, tok):
+    rows = [{"prompt": "Hi", "responses": [" yes", " no"], "scores": [1.0, 1.0]}]
+    with pytest.raises(ValueError, match="empty after converting its 1 listwise rows to pairwise records: no prompt "
+                                         "has two responses with different scores"):
+        _dpo(tmp_path, tok, rows)

@@ -215,27 +215,50 @@ def prepare_dataset(
         check_tokenized(data, len(tokenizer), source=name)
         return data
 
-    records = load(data, drop_invalid=args.drop_invalid_rows)
-    if record_kind(records) not in kinds:
+    loaded = records = load(data, drop_invalid=args.drop_invalid_rows)
+    have = record_kind(records)
+    if have not in kinds:
         # e.g. listwise rows for a pairwise loss become all ordered pairs; a clear error when no conversion exists
         records = convert_kind(records, kinds[0])
+        if len(records) == 0:
+            need = "two responses with different scores (ties never make a pair)" if kinds[0] == "pairwise" else (
+                "two distinct completions")
+            raise ValueError(f"{name} is empty after converting its {len(loaded)} {have} rows to {kinds[0]} records: "
+                             f"no prompt has {need}")
     if len(records) == 0:
         raise ValueError(f"{name} is empty: there is nothing to train or evaluate on")
+    source = os.fspath(data) if isinstance(data, (str, os.PathLike)) else name
     with args.main_process_first(desc=f"tokenizing {name}"):
-        tokenized = tokenize_dataset(
-            records,
-            tokenizer,
-            max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
-            drop_invalid=args.drop_invalid_rows,
-            num_proc=args.dataset_num_proc,
-        )
+        try:
+            tokenized = tokenize_dataset(
+                records,
+                tokenizer,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                drop_invalid=args.drop_invalid_rows,
+                num_proc=args.dataset_num_proc,
+                source=source,
+            )
+        except DataError as err:
+            if records is not loaded and err.row is not None:
+                # the row is one of the converted records: name the source row it came from instead
+                err.row = _row_with_prompt(loaded, records[err.row]["prompt"])
+                err.message += f" (in the {kinds[0]} records made from this row)"
+            raise
     if len(tokenized) == 0:
         raise ValueError(
             f"{name} is empty after tokenization: every row's prompt left no room for a completion within "
             f"max_length={args.max_length}; raise max_length or set max_prompt_length"
         )
     return tokenized
+
+
+def _row_with_prompt(records: Dataset, prompt: Any) -> int | None:
+    """Index of the first record whose prompt is ``prompt`` (conversions keep prompts as they are)."""
+    for i, value in enumerate(records["prompt"]):
+        if value == prompt:
+            return i
+    return None
 
 
 def prepare_eval_datasets(data: Any, prepare: Callable[[Any, str], Any], name: str = "eval_dataset") -> Any:

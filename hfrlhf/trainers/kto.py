@@ -44,7 +44,6 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hfrlhf.data.formats import load
 from hfrlhf.data.tokenize import check_tokenized
 from hfrlhf.losses import get_loss
 from hfrlhf.losses.kto import SUM_METRICS, desirable_undesirable_warning, kto_log_metrics, kto_reference_point
@@ -243,8 +242,7 @@ class KTOTrainer(HfrlhfTrainer):
                 raise ValueError(f"{name}: tokenized rows need a 'label' column, got {data.column_names}")
             check_tokenized(data, len(tokenizer), source=name)  # a bad id is named here, not inside the forward
         else:
-            data = prepare_dataset(load(data, drop_invalid=args.drop_invalid_rows, kind="unpaired"), tokenizer, args,
-                                   kinds=("unpaired",), name=name)
+            data = prepare_dataset(data, tokenizer, args, kinds=("unpaired",), name=name)
         if self.uses_kl:
             data = add_kl_partners(data, seed=args.seed, max_length=args.max_length)
         return data
