@@ -539,6 +539,17 @@ def test_chatllama_json_array(tmp_path):
         load([{"user_input": "", "completion": "x"}])
 
 
+def test_an_empty_system_message_is_kept_and_other_empty_messages_are_errors():
+    system = {"role": "system", "content": ""}
+    ds = load([{"messages": [system, u("Hi"), a("Hello!")]}])
+    assert ds[0] == {"prompt": [system, u("Hi")], "completion": [a("Hello!")]}
+    ds = load([{"prompt": [{"role": "system", "content": " "}, u("Hi")], "chosen": [a("yes")], "rejected": [a("no")]}])
+    assert ds[0]["prompt"][0] == {"role": "system", "content": " "}
+    for empty in ({"role": "user", "content": ""}, {"role": "system", "content": None}):
+        with pytest.raises(DataError, match=r"row 0, field 'messages': message 0: expected 'content' to be non-empty"):
+            load([{"messages": [empty, u("Hi"), a("Hello!")]}])
+
+
 def test_margin_is_kept_as_float():
     rows = [
         {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2},
@@ -731,7 +742,7 @@ def assert_canonical(ds):
     def is_messages(v):
         return isinstance(v, list) and len(v) > 0 and all(
             set(m) == {"role", "content"} and isinstance(m["role"], str) and m["role"].strip()
-            and isinstance(m["content"], str) and m["content"].strip() for m in v
+            and isinstance(m["content"], str) and (m["content"].strip() or m["role"] == "system") for m in v
         )  # fmt: skip
 
     def is_text(v):

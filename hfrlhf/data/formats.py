@@ -120,7 +120,11 @@ def _text(value: Any, field: str, expected: str = "non-empty text") -> str:
 
 
 def _messages(value: Any, field: str) -> list[dict[str, str]]:
-    """A non-empty list of ``{"role": str, "content": str}``; other keys of a message are dropped."""
+    """A non-empty list of ``{"role": str, "content": str}``; other keys of a message are dropped.
+
+    ``content`` is non-empty text, except in a ``system`` message: an empty system prompt is common in chat
+    data (TRL and chat templates take it) and has nothing to learn from anyway, so it is kept as it is.
+    """
     if not isinstance(value, (list, tuple)) or not value:
         raise _fail(field, "a non-empty list of messages", value)
     out = []
@@ -138,7 +142,7 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
                 field=field,
                 reason="malformed message",
             )
-        if not isinstance(content, str) or not content.strip():
+        if not isinstance(content, str) or not (content.strip() or role == "system"):
             raise DataError(
                 f"message {i}: expected 'content' to be non-empty text, got {_describe(content)}",
                 field=field,
