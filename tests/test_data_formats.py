@@ -432,10 +432,15 @@ def test_implicit_prompt_messages():
     ]
     with pytest.raises(DataError, match="found no shared beginning"):
         load([{"chosen": [u("A"), a("b")], "rejected": [u("B"), a("b")]}])
-    with pytest.raises(
-        DataError, match=r"field 'chosen': expected non-empty text or list of messages, got a list of 0"
-    ):
+    with pytest.raises(DataError) as info:  # nothing left for 'chosen' once the shared messages are the prompt
         load([{"chosen": [u("A"), a("b")], "rejected": [u("A"), a("b"), u("more"), a("c")]}])
+    assert (info.value.field, info.value.reason) == ("chosen", "no completion")
+    assert info.value.message == "expected 'chosen' to have messages after those it shares with 'rejected', got none " \
+                                 "('chosen' is the start of 'rejected')"
+    with pytest.raises(DataError) as info:
+        load([{"chosen": [u("A"), a("b")], "rejected": [u("A"), a("c")]}, {"chosen": [u("A"), a("b")],
+                                                                            "rejected": [u("A"), a("b")]}])
+    assert (info.value.row, info.value.field, info.value.reason) == (1, "rejected", "identical chosen and rejected")
     with pytest.raises(
         DataError, match=r"field 'rejected': expected a list of messages like 'prompt', got text"
     ):

@@ -330,6 +330,20 @@ def _implicit_prompt(row: Mapping[str, Any]) -> dict[str, Any]:
             field="chosen",
             reason="no shared prompt",
         )
+    if chosen == rejected:
+        raise DataError(
+            f"expected 'rejected' to differ from 'chosen', got the same {'text' if isinstance(chosen, str) else 'conversation'}",
+            field="rejected",
+            reason="identical chosen and rejected",
+        )
+    for name, value, other in (("chosen", chosen, "rejected"), ("rejected", rejected, "chosen")):
+        if n == len(value):  # messages only: a text prefix is cut back to a whole word above
+            raise DataError(
+                f"expected {name!r} to have messages after those it shares with {other!r}, got none "
+                f"({name!r} is the start of {other!r})",
+                field=name,
+                reason="no completion",
+            )
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
