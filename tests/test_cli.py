@@ -1,5 +1,6 @@
 """The ``hfrlhf`` command dispatches to the same workflows as the recipes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 import yaml
 
 from hfrlhf import cli
+from hfrlhf.data.errors import DataError
 from hfrlhf.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from hfrlhf.workflows import METHODS, get_workflow
 
@@ -99,6 +101,50 @@ def test_cli_trains_like_the_recipe(tmp_path, capsys):
     assert code == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_curves.png").is_file()
     assert "== hfrlhf sft: done" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("tiny")
+    tok = build_tiny_tokenizer()
+    build_tiny_llama(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def _pairs_file(path, bad_row=None, value=None):
+    rows = [{"prompt": f"Question {i}?", "chosen": f" Yes {i}.", "rejected": f" No {i}."} for i in range(8)]
+    if bad_row is not None:
+        rows[bad_row].update(value)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _dpo_argv(tiny_dir, tmp_path, data, *extra):
+    return ["dpo", "--model_name_or_path", str(tiny_dir), "--dataset_name", str(data), "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2", "--bf16", "false",
+            "--report_to", "none", "--disable_tqdm", "true", "--lora_r", "4", "--logging_steps", "1",
+            "--save_strategy", "no", *extra]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_prompt_too_long_names_the_row_of_the_data_file_after_the_held_out_split(tiny_dir, tmp_path, method):
+    """Row 5 of the file (its prompt alone is over max_length) is row 5 in the error, although the held-out
+    split shuffles the training rows and KTO unpairs them."""
+    data = _pairs_file(tmp_path / "pairs.jsonl", 5, {"prompt": "word " * 40})
+    argv = _dpo_argv(tiny_dir, tmp_path, data, "--eval_fraction", "0.25", "--max_length", "32")
+    with pytest.raises(DataError) as err:
+        cli.main([method, *argv[1:]])
+    assert (err.value.source, err.value.row, err.value.field) == (str(data), 5, "prompt")
+
+
+def test_drop_invalid_rows_drops_the_bad_rows_of_the_data_file(tiny_dir, tmp_path, caplog):
+    data = _pairs_file(tmp_path / "pairs.jsonl", 3, {"chosen": None})
+    with pytest.raises(DataError, match="row 3 \\(line 4\\), field 'chosen'"):
+        cli.main(_dpo_argv(tiny_dir, tmp_path, data, "--eval_fraction", "0"))
+    with caplog.at_level("WARNING", logger="hfrlhf"):
+        assert cli.main(_dpo_argv(tiny_dir, tmp_path, data, "--eval_fraction", "0", "--drop_invalid_rows", "true")) == 0
+    assert "kept 7 of 8 rows (pairwise), dropped 1: 1 x chosen: null value" in caplog.text
 
 
 def test_console_module_runs_in_a_fresh_process():

@@ -20,7 +20,7 @@ from hfrlhf.models.loading import ModelArguments, load_reward_model, load_tokeni
 from hfrlhf.trainers.ppo import PPOConfig, PPOTrainer
 from hfrlhf.workflows import steps
 from hfrlhf.workflows.args import ScriptArguments
-from hfrlhf.workflows.data import describe_source, load_splits
+from hfrlhf.workflows.data import describe_source, load_splits, rows_named_in_source
 from hfrlhf.workflows.rewards import get_reward_fn
 
 __all__ = ["ARGUMENTS", "PPOScriptArguments", "load_reward", "run"]
@@ -81,19 +81,21 @@ def run(script_args: PPOScriptArguments, training_args: PPOConfig, model_args: M
         reward, reward_tokenizer = get_reward_fn(script_args.reward_fn), None
 
     # 3. data: prompts only (pairs and SFT records give their prompts)
-    train_data, eval_data = load_splits(script_args, kind="prompt", seed=training_args.seed)
+    train_data, eval_data = load_splits(script_args, kind="prompt", seed=training_args.seed,
+                                        drop_invalid=training_args.drop_invalid_rows)
 
     # 4. the trainer (TRL's argument order: args, tokenizer, model, ref_model, reward_model, data)
-    trainer = PPOTrainer(
-        args=training_args,
-        processing_class=tokenizer,
-        model=model,
-        reward_model=reward,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        peft_config=peft_config,
-        reward_processing_class=reward_tokenizer,
-    )
+    with rows_named_in_source(script_args, {"train_dataset": train_data, "eval_dataset": eval_data}):
+        trainer = PPOTrainer(
+            args=training_args,
+            processing_class=tokenizer,
+            model=model,
+            reward_model=reward,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            peft_config=peft_config,
+            reward_processing_class=reward_tokenizer,
+        )
 
     # 5. held-out scores before, training, then save / evaluate / plot / merge / push
     before = steps.evaluate_before(trainer, script_args)

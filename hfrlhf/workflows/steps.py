@@ -351,7 +351,7 @@ def train_and_finish(
     ``reward_model=True`` loads a one-output sequence classifier (a new score head, trained and saved with
     the adapter under LoRA) instead of a causal LM.
     """
-    from hfrlhf.workflows.data import describe_source, load_splits
+    from hfrlhf.workflows.data import describe_source, load_splits, rows_named_in_source
 
     started = time.time()
     hub = prepare(training_args)
@@ -360,11 +360,13 @@ def train_and_finish(
     model, tokenizer, peft_config = (load_reward if reward_model else load_policy)(model_args)
 
     # 2. data of the kind the trainer's loss takes, with held-out rows when asked
-    train_data, eval_data = load_splits(script_args, kind=data_kind, seed=training_args.seed)
+    train_data, eval_data = load_splits(script_args, kind=data_kind, seed=training_args.seed,
+                                        drop_invalid=getattr(training_args, "drop_invalid_rows", False))
 
-    # 3. the trainer
-    trainer = trainer_cls(model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-                          processing_class=tokenizer, peft_config=peft_config)
+    # 3. the trainer (a data error it raises names the row of the data source)
+    with rows_named_in_source(script_args, {"train_dataset": train_data, "eval_dataset": eval_data}):
+        trainer = trainer_cls(model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
+                              processing_class=tokenizer, peft_config=peft_config)
 
     # 4. held-out metrics before, training, then save / evaluate / plot / merge / push
     before = evaluate_before(trainer, script_args)
