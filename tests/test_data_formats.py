@@ -266,10 +266,31 @@ def test_json_file_variants(tmp_path):
     two_lists.write_text(json.dumps({"a": rows, "b": rows}))
     with pytest.raises(DataError, match=r"an object with keys \['a', 'b'\]"):
         load(two_lists)
+    train_only = tmp_path / "train_only.json"
+    train_only.write_text(json.dumps({"train": rows}))
+    assert load(train_only)["prompt"] == ["a", "b"]
+    with pytest.raises(DataError, match=r"split 'test' not found; the JSON object has lists \['train'\]"):
+        load(train_only, split="test")
     scalar = tmp_path / "scalar.json"
     scalar.write_text("3")
     with pytest.raises(DataError, match="expected a JSON array of rows, got int 3"):
         load(scalar)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".json-lines"])
+def test_a_file_of_one_set_of_rows_has_no_test_split(tmp_path, suffix):
+    """An evaluation split asked of a file that holds only training rows is an error, not the training rows."""
+    rows = [{"prompt": "a"}, {"prompt": "b"}]
+    path = tmp_path / f"rows{suffix.split('-')[0]}"
+    if suffix == ".parquet":
+        Dataset.from_list(rows).to_parquet(path)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load(path)["prompt"] == ["a", "b"]
+    with pytest.raises(DataError, match=r"split 'test' not found: this file holds one set of rows"):
+        load(path, split="test")
 
 
 def test_file_errors(tmp_path):

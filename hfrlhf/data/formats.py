@@ -585,6 +585,7 @@ def _read_json(path: str, split: str) -> list[tuple[int, int | None, Any]]:
         raise DataError(f"invalid UTF-8 at byte {err.start}", source=path, reason="invalid JSON") from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON Lines saved as .json, as datasets.load_dataset("json") accepts
+            _check_single_split(path, split)
             return _read_jsonl(raw.splitlines())
         raise DataError(
             f"invalid JSON: {err.msg} (column {err.colno})",
@@ -592,9 +593,12 @@ def _read_json(path: str, split: str) -> list[tuple[int, int | None, Any]]:
             line=err.lineno,
             reason="invalid JSON",
         ) from None
-    if isinstance(data, dict):
+    keyed = isinstance(data, dict)
+    if keyed:
         lists = [k for k, v in data.items() if isinstance(v, list)]
         key = split if isinstance(data.get(split), list) else lists[0] if len(lists) == 1 else None
+        if key is not None and key != split and split != "train":  # e.g. {"train": [...]} asked for "test"
+            raise DataError(f"split {split!r} not found; the JSON object has lists {sorted(lists)}", source=path)
         if key is None:
             raise DataError(
                 f"expected a JSON array of rows, or an object holding one list of rows (or a list named "
@@ -604,7 +608,20 @@ def _read_json(path: str, split: str) -> list[tuple[int, int | None, Any]]:
         data = data[key]
     if not isinstance(data, list):
         raise DataError(f"expected a JSON array of rows, got {_describe(data)}", source=path)
+    if not keyed:
+        _check_single_split(path, split)
     return [(i, None, row) for i, row in enumerate(data)]
+
+
+def _check_single_split(path: str, split: str) -> None:
+    """A file of one set of rows is the ``"train"`` split: asking it for another split (an evaluation split) is an
+    error, not the training rows again."""
+    if split != "train":
+        raise DataError(
+            f"split {split!r} not found: this file holds one set of rows, read as split 'train'; give the {split!r} "
+            "rows in a file of their own (or a JSON object keyed by split)",
+            source=path,
+        )
 
 
 def _read_parquet(path: str) -> list[tuple[int, int | None, Any]]:
@@ -642,6 +659,8 @@ def _read(source: Source, split: str) -> _Rows:
             reader = _FILE_READERS.get(suffix)
             if reader is None:
                 raise ValueError(f"{path}: unsupported file type {suffix!r}; use {', '.join(_FILE_READERS)}")
+            if reader != "json":
+                _check_single_split(path, split)
             if reader == "jsonl":
                 with open(path, "rb") as f:
                     return _rows_from(path, _read_jsonl(f))
