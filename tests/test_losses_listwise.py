@@ -216,3 +216,22 @@ def test_registry_flags():
         assert get_loss("preference", name).listwise
     assert get_loss("preference", "rrhf").reference_free
     assert not get_loss("preference", "pro").reference_free and not get_loss("preference", "lipo").reference_free
+
+
+@pytest.mark.parametrize("family,name", [("preference", "pro"), ("preference", "lipo"), ("preference", "rrhf"),
+                                         ("reward", "plackett_luce"), ("reward", "all_pairs")])
+def test_a_batch_of_tied_scores_only_is_a_zero_loss_that_backpropagates(family, name):
+    """Every prompt's scores tie: no pair, nothing to learn. The loss is 0 and backward gives zero gradients (it
+    used to be a constant without a graph, and training stopped in backward)."""
+    scores = torch.tensor([[2.0, 2.0, 2.0], [1.0, 1.0, 0.0]], dtype=F64)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    values = torch.tensor([[-4.0, -6.0, -9.0], [-1.0, -2.0, 0.0]], dtype=F64, requires_grad=True)
+    spec = get_loss(family, name)
+    if family == "reward":
+        out = spec.fn(values, scores, mask)
+    else:
+        lens = torch.tensor([[2, 3, 4], [1, 1, 1]])
+        out = spec.fn(ListLogps(values, lens), ListLogps(values.detach() - 1.0, lens), scores, mask, beta=BETA)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert values.grad is not None and values.grad.abs().sum().item() == 0.0

@@ -40,11 +40,16 @@ def comparable_pairs(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_mean(per_prompt: torch.Tensor, defined: torch.Tensor, empty: float = 0.0) -> torch.Tensor:
-    """Mean of ``per_prompt`` ``(P,)`` over prompts where ``defined`` ``(P,)`` is True; ``empty`` if none is."""
+    """Mean of ``per_prompt`` ``(P,)`` over prompts where ``defined`` ``(P,)`` is True; ``empty`` if none is.
+
+    With none defined (a batch of listwise rows whose scores all tie) the result is still a function of
+    ``per_prompt``, with zero gradient, so a loss built on it can be backpropagated (a step that learns nothing)
+    instead of failing in ``backward``.
+    """
     kept = torch.where(defined, per_prompt, torch.zeros_like(per_prompt))
     n = defined.sum()
     if n == 0:
-        return torch.tensor(empty, dtype=per_prompt.dtype, device=per_prompt.device)
+        return kept.sum() + empty  # exactly `empty`: every kept value is 0
     return kept.sum() / n
 
 
