@@ -137,8 +137,8 @@ def test_arbitrary_rows_give_a_located_error_or_batches_the_model_runs_on(args, 
     except DataError as err:
         _assert_located(err, data)
         return
-    except ValueError as err:  # dataset-level: nothing left to train on
-        assert "empty" in str(err)
+    except ValueError as err:  # dataset-level: nothing left to train on (or every listwise row's scores tie)
+        assert "empty" in str(err) or "nothing to learn from" in str(err)
         return
     assert len(tokenized) >= 1
     features = tokenized.to_list()

@@ -159,3 +159,13 @@ def test_listwise_rows_of_tied_scores_only_say_why_no_pair_is_left(tmp_path, tok
     with pytest.raises(ValueError, match="empty after converting its 1 listwise rows to pairwise records: no prompt "
                                          "has two responses with different scores"):
         _dpo(tmp_path, tok, rows)
+
+
+@pytest.mark.parametrize("loss_type", ["lipo", "pro"])
+def test_listwise_rows_of_tied_scores_only_are_refused_for_a_listwise_loss(tmp_path, tok, loss_type):
+    rows = [{"prompt": "Hi", "responses": [" yes", " no"], "scores": [1.0, 1.0]},
+            {"prompt": "Count", "responses": [" one", " two", " six"], "ranks": [2, 2, 2]}]
+    with pytest.raises(ValueError, match="train_dataset: every row's scores tie, so a ranking loss has nothing"):
+        _dpo(tmp_path, tok, rows, loss_type=loss_type)
+    rows[1]["ranks"] = [1, 2, 2]  # one row with a pair is enough: the tied row adds nothing, and takes nothing
+    _dpo(tmp_path, tok, rows, loss_type=loss_type).train()

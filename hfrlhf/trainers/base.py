@@ -227,6 +227,9 @@ def prepare_dataset(
                              f"no prompt has {need}")
     if len(records) == 0:
         raise ValueError(f"{name} is empty: there is nothing to train or evaluate on")
+    if record_kind(records) == "listwise" and not any(len(set(scores)) > 1 for scores in records["scores"]):
+        raise ValueError(f"{name}: every row's scores tie, so a ranking loss has nothing to learn from (ties never "
+                         "make a pair); give rows whose responses are scored differently")
     source = os.fspath(data) if isinstance(data, (str, os.PathLike)) else name
     with args.main_process_first(desc=f"tokenizing {name}"):
         try:
