@@ -271,3 +271,27 @@ def test_form_error_in_dataset_is_raised_even_with_drop_invalid():
 def test_prompt_length_must_leave_room():
     with pytest.raises(ValueError, match="max_prompt_length"):
         tokenize_dataset(Dataset.from_list(ROWS), TOK, max_length=4, max_prompt_length=4)
+
+
+def test_a_chat_template_that_refuses_a_conversation_names_the_row_and_field():
+    """Templates that check the roles (Llama 2, Mistral) raise a jinja TemplateError; it becomes a DataError naming
+    the row and the field whose rendering failed, instead of a traceback from inside jinja."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    user, bot = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    rows = Dataset.from_list([{"prompt": [user], "chosen": [bot], "rejected": [{**bot, "content": "Go"}]},
+                              {"prompt": [user], "chosen": [bot], "rejected": [user]},
+                              {"prompt": [user, user], "chosen": [bot], "rejected": [{**bot, "content": "Go"}]}])
+    with pytest.raises(DataError) as err:
+        tokenize_dataset(rows, tok)
+    assert (err.value.row, err.value.field, err.value.reason) == (1, "rejected", "chat template error")
+    assert err.value.message == ("the chat template refused the conversation (user, user): Conversation roles must "
+                                 "alternate user/assistant/user/assistant/...")
+    with pytest.raises(DataError) as err:
+        tokenize_dataset(rows.select([0, 2]), tok)
+    assert (err.value.row, err.value.field) == (1, "prompt")

@@ -86,10 +86,19 @@ def _check_form(value: Any, chat: bool, field: str) -> None:
         raise DataError(f"expected text (the prompt is text), got {type(value).__name__}", field=field)
 
 
-def _render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(
-        [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation_prompt
-    )
+def _render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], generation_prompt: bool, field: str) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except TemplateError as err:  # e.g. raise_exception('Conversation roles must alternate user/assistant/...')
+        raise DataError(
+            f"the chat template refused the conversation ({', '.join(str(m.get('role')) for m in messages)}): {err}",
+            field=field,
+            reason="chat template error",
+        ) from err
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
@@ -116,7 +125,7 @@ def _chat_completion_text(
     field: str,
 ) -> str:
     """The text the template writes for ``completion`` after the rendered prompt."""
-    full = _render(tokenizer, [*prompt, *completion], generation_prompt=False)
+    full = _render(tokenizer, [*prompt, *completion], generation_prompt=False, field=field)
     if full.startswith(prompt_text):
         return full[len(prompt_text) :]
     # The template does not render the prompt as a prefix of the conversation. Find where the first
@@ -124,7 +133,8 @@ def _chat_completion_text(
     # renderings agree up to that point.
     first, rest = dict(completion[0]), list(completion[1:])
     probe_a, probe_b = (
-        _render(tokenizer, [*prompt, {**first, "content": c}, *rest], generation_prompt=False) for c in "AB"
+        _render(tokenizer, [*prompt, {**first, "content": c}, *rest], generation_prompt=False, field=field)
+        for c in "AB"
     )
     start = _common_prefix_length(probe_a, probe_b)
     content = first.get("content")
@@ -157,7 +167,7 @@ def _end_with_single_eos(ids: list[int], eos_id: int, tokenizer: Any) -> list[in
 
 
 def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
-    return _render(tokenizer, prompt, generation_prompt=True) if _is_chat(prompt) else prompt  # type: ignore[arg-type,return-value]
+    return _render(tokenizer, prompt, generation_prompt=True, field="prompt") if _is_chat(prompt) else prompt  # type: ignore[arg-type,return-value]
 
 
 def tokenize_prompt_completions(
