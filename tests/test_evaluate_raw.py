@@ -220,3 +220,12 @@ def test_a_name_of_the_constructor_datasets_selects_it(tmp_path, tok):
     both = _values(trainer.evaluate())
     assert {k for k in both if k.endswith("_loss")} == {"eval_first_loss", "eval_rest_loss"}
     assert both["eval_first_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+
+
+def test_a_prompt_too_long_in_a_named_eval_dataset_names_that_dataset_once(tmp_path, tok):
+    too_long = {"prompt": "The food was " * 20, "chosen": " good.", "rejected": " cold."}
+    build = _dpo(tok, tmp_path)
+    for call in (lambda data: build(eval_dataset=data), lambda data: build().evaluate(eval_dataset=data)):
+        with pytest.raises(DataError) as err:
+            call({"all": PAIRS, "long": [*PAIRS, too_long]})
+        assert str(err.value).startswith("eval_dataset['long']: row 5, field 'prompt': the prompt has ")

@@ -276,7 +276,8 @@ def prepare_eval_datasets(data: Any, prepare: Callable[[Any, str], Any], name: s
         try:
             out[key] = prepare(value, label)
         except DataError as err:
-            err.source = f"{label}: {err.source}" if err.source else label
+            if not (err.source or "").startswith(label):  # tokenization errors already name the dataset
+                err.source = f"{label}: {err.source}" if err.source else label
             raise
     return out
 
