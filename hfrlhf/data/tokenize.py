@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from datasets import Dataset, Features, List, Value
 
 from hfrlhf.data.errors import DataError
-from hfrlhf.data.formats import record_kind
+from hfrlhf.data.formats import _number, record_kind
 
 Prompt = str | Sequence[Mapping[str, Any]]
 Completion = str | Sequence[Mapping[str, Any]]
@@ -425,10 +425,20 @@ def _id_columns(kind: str) -> list[str]:
     return ["prompt_ids"] + (["responses_ids"] if kind == "listwise" else [f"{f}_ids" for f in _COMPLETION_FIELDS[kind]])
 
 
-def check_tokenized(dataset: Dataset, vocab_size: int, *, source: str | None = None) -> None:
+# kind -> the value columns its tokenized records need besides the ids
+_VALUE_COLUMNS: dict[str, tuple[str, ...]] = {"listwise": ("scores",), "pointwise": ("score",), "unpaired": ("label",)}
+
+
+def check_tokenized(
+    dataset: Dataset, vocab_size: int, *, source: str | None = None, kinds: Sequence[str] | None = None
+) -> None:
     """Check already tokenized records before they reach a model: every id column present, each sequence a
-    non-empty list of ints in ``[0, vocab_size)``. A bad value would otherwise fail inside the forward pass
-    (an embedding index error) far from the row that caused it.
+    non-empty list of ints in ``[0, vocab_size)``, scores and margins finite numbers. A bad value would otherwise
+    fail inside the forward pass (an embedding index error) far from the row that caused it, or give a NaN loss.
+
+    ``kinds``: the record kinds the caller trains on (e.g. ``("pairwise",)``); the records must have the columns
+    of one of them (ids, and ``scores`` / ``score`` / ``label`` where the kind has one). Without it the kind is
+    read from the id columns present.
 
     Raises:
         DataError: naming the source, the row and the column of the first bad value.
@@ -440,11 +450,19 @@ def check_tokenized(dataset: Dataset, vocab_size: int, *, source: str | None = N
     hfrlhf.data.errors.DataError: dataset: row 0, field 'rejected_ids': token id 900 is outside the vocabulary (0..319)
     """
     source = source or dataset.info.dataset_name or "dataset"
-    kind = next((k for k in ("pairwise", "listwise", "unpaired", "sft") if all(
-        c in dataset.column_names for c in _id_columns(k))), "prompt")
-    columns = [c for c in _id_columns(kind) if c in dataset.column_names]
-    if "prompt_ids" not in columns:
+    if "prompt_ids" not in dataset.column_names:
         raise DataError(f"tokenized records need a 'prompt_ids' column; got {dataset.column_names}", source=source)
+    if kinds:
+        needed = {k: [*_id_columns(k), *_VALUE_COLUMNS.get(k, ())] for k in kinds}
+        kind = next((k for k, cols in needed.items() if all(c in dataset.column_names for c in cols)), None)
+        if kind is None:
+            missing = [c for c in needed[kinds[0]] if c not in dataset.column_names]
+            raise DataError(f"tokenized {kinds[0]} records need the columns {missing}; got {dataset.column_names}",
+                            source=source, field=missing[0], reason="missing column")
+    else:
+        kind = next((k for k in ("pairwise", "listwise", "unpaired", "sft") if all(
+            c in dataset.column_names for c in _id_columns(k))), "prompt")
+    columns = [c for c in _id_columns(kind) if c in dataset.column_names]
     for column in columns:
         nested = column == "responses_ids"
         if _ids_look_valid(dataset, column, vocab_size, nested):
@@ -457,6 +475,21 @@ def check_tokenized(dataset: Dataset, vocab_size: int, *, source: str | None = N
                 problem = _ids_problem(ids, vocab_size)
                 if problem:
                     raise DataError(problem, source=source, row=row, field=column, reason=problem.split(":")[0])
+    for column in ("scores", "score", "margin"):
+        if column not in dataset.column_names:
+            continue
+        for row, value in enumerate(dataset[column]):
+            try:
+                if column != "scores":
+                    _number(value, column)
+                elif isinstance(value, list):
+                    for x in value:
+                        _number(x, column)
+                else:
+                    raise DataError(f"expected a list of scores, got {value!r:.40}", field=column)
+            except DataError as err:
+                err.source, err.row = source, row
+                raise
 
 
 def _ids_look_valid(dataset: Dataset, column: str, vocab_size: int, nested: bool) -> bool:

@@ -212,7 +212,7 @@ def prepare_dataset(
     if isinstance(data, Dataset) and "prompt_ids" in data.column_names:
         if len(data) == 0:
             raise ValueError(f"{name} is empty: there is nothing to train or evaluate on")
-        check_tokenized(data, len(tokenizer), source=name)
+        check_tokenized(data, len(tokenizer), source=name, kinds=kinds)
         return data
 
     loaded = records = load(data, drop_invalid=args.drop_invalid_rows)

@@ -240,7 +240,7 @@ class KTOTrainer(HfrlhfTrainer):
                 data = _unpair_tokenized(data)
             if "label" not in data.column_names:
                 raise ValueError(f"{name}: tokenized rows need a 'label' column, got {data.column_names}")
-            check_tokenized(data, len(tokenizer), source=name)  # a bad id is named here, not inside the forward
+            check_tokenized(data, len(tokenizer), source=name, kinds=("unpaired",))  # named here, not in the forward
         else:
             data = prepare_dataset(data, tokenizer, args, kinds=("unpaired",), name=name)
         if self.uses_kl:
