@@ -325,7 +325,9 @@ class RewardTrainer(HfrlhfTrainer):
         try:
             prepared = prepare_dataset(data, tokenizer, args, kinds=(self.data_kind,), name=name)
         except DataError as err:
-            if err.reason != "wrong kind":
+            tokenized = "prompt_ids" in (getattr(data, "column_names", None) or ())
+            other_kind = err.reason == "missing column" and tokenized and kind not in (None, self.data_kind)
+            if err.reason != "wrong kind" and not other_kind:  # tokenized records of another kind are not converted
                 raise
             raise ValueError(self._kind_message(name, kind)) from err
         have = _tokenized_kind(prepared.column_names)
