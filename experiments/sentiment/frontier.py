@@ -2,6 +2,7 @@
 tilted reference, computed from the reference's own scored samples (no training, no held-out prompt).
 
     python experiments/sentiment/frontier.py                # the shipped data/samples.jsonl, both splits
+    python experiments/sentiment/frontier.py --sample 8     # 8 fresh samples of each unseen-topic development prompt
 
 The KL-regularised optimum of the gold reward, ``pi*(y) ~ ref(y) exp(r(y) / beta)``, is the policy with the most
 reward at its KL; no trained policy beats it. Two estimates of it from the K scored reference completions of each
@@ -14,7 +15,9 @@ prompt in ``samples.jsonl``:
   reweighting (plug-in estimates; with K samples the gain stops at the best of K).
 
 Both read the gain against the mean score of the same samples. The training and validation splits of the data are
-reported apart; the held-out prompts are never read.
+reported apart. ``--sample K`` samples K reference completions of each unseen-topic development prompt instead
+(the evaluation's sampling settings, ``--seed``), the prompts the trained policies' development curves are measured
+on. The held-out prompts are never read.
 """
 
 from __future__ import annotations
@@ -81,11 +84,33 @@ def frontier(groups: Sequence[Sequence[float]], betas: Sequence[float] = (0.5, 0
     return rows
 
 
+def sampled_records(k: int, seed: int, threads: int) -> list[dict]:
+    """K reference completions of each unseen-topic development prompt, scored by the gold reward, as records of
+    ``samples.jsonl`` (split ``dev-unseen``)."""
+    import torch
+    from prompts import unseen_dev_prompts
+    from sampling import GenerationSettings, sample
+
+    from hfrlhf.models.loading import load_bundled
+    from hfrlhf.workflows.rewards import vader_sentiment
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_bundled()
+    prompts = unseen_dev_prompts()
+    samples = sample(model, tokenizer, prompts, GenerationSettings(), n=k, seed=seed)
+    scores = vader_sentiment(samples.prompts, samples.completions)
+    return [{"prompt": p, "split": "dev-unseen", "scores": scores[i * k:(i + 1) * k]} for i, p in enumerate(prompts)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA_DIR / "samples.jsonl")
+    parser.add_argument("--sample", type=int, default=0, metavar="K",
+                        help="sample K reference completions per unseen-topic development prompt instead")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    records = read_jsonl(args.data)
+    records = sampled_records(args.sample, args.seed, args.threads) if args.sample else read_jsonl(args.data)
     for split in sorted({r["split"] for r in records}, reverse=True):
         groups = [r["scores"] for r in records if r["split"] == split]
         mean = statistics.fmean(s for g in groups for s in g)
