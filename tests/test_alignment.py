@@ -16,6 +16,7 @@ sys.path.insert(0, str(EXPERIMENT))
 
 import frontier  # noqa: E402
 import gold_eval as ev  # noqa: E402
+import kl_by_position  # noqa: E402
 import make_data  # noqa: E402
 import prompts  # noqa: E402
 import run as runner  # noqa: E402
@@ -408,7 +409,7 @@ def test_experiment_doctests_pass():
     import doctest
 
     attempted = {}
-    for module in (runner, make_data, ev, sampling, prompts, frontier):
+    for module in (runner, make_data, ev, sampling, prompts, frontier, kl_by_position):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
         attempted[module] = result.attempted
