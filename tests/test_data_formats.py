@@ -128,6 +128,10 @@ EXPECTED = {
         {"prompt": [u("Write a short review of your favourite cafe.")]},
         {"prompt": [u("What do you think of spring mornings?")]},
     ]),
+    "text.jsonl": ("text", "text", [
+        {"text": "The kettle clicked off, and the kitchen filled with the smell of fresh coffee."},
+        {"text": "Water boils at 100 degrees Celsius at sea level."},
+    ]),
     "chatllama_actor.jsonl": ("chatllama_actor", "sft", [
         {"prompt": "Explain what a rainbow is.",
          "completion": "Sunlight split into its colours by raindrops acting like tiny prisms."},
@@ -739,6 +743,63 @@ def test_load_with_kind_converts_or_fails_clearly():
         load(EXAMPLES_DIR / "sft.jsonl", kind="dpo")
     same = load(EXAMPLES_DIR / "sft.jsonl")
     assert convert_kind(same, "sft") is same
+
+
+# ------------------------------------------------------------------------------------- language modeling (text)
+
+
+def test_text_rows_are_language_modeling_records():
+    ds = load([{"text": "  Hello world.\n", "source": "web"}, {"text": "Bye."}])
+    assert record_kind(ds) == "text" and ds.column_names == ["text"]
+    assert ds["text"] == ["  Hello world.\n", "Bye."]  # kept exactly, whitespace included
+    assert load([{"text": "Hi"}], format="text")["text"] == ["Hi"]
+    with pytest.raises(DataError) as err:
+        load([{"text": "Hi"}, {"text": "   "}])
+    assert (err.value.row, err.value.field, err.value.reason) == (1, "text", "empty text")
+    with pytest.raises(DataError, match=r"row 0, field 'text': expected non-empty text \(a conversation goes in a "
+                                        r"'messages' column\), got a list of 1 item"):
+        load([{"text": [{"role": "user", "content": "hi"}]}])
+
+
+def test_other_schemas_win_over_a_text_column_next_to_them(caplog):
+    with caplog.at_level(logging.WARNING):
+        ds = load([{"prompt": "Q", "completion": " A", "text": "Q A"}])
+    assert record_kind(ds) == "sft"
+    assert "read as 'sft'; ignoring columns ['text']" in caplog.text
+
+
+@pytest.mark.parametrize("rows,row,fmt", [
+    ([{"prompt": "Q", "completion": " A"}, {"text": "Some text."}], 1, "'sft' schema (columns completion, prompt)"),
+    ([{"text": "Some text."}, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}],
+     0, "'messages' schema (columns messages)"),
+    ([{"prompt": "Q"}, {"prompt": "R"}, {"text": "Some text."}], 2, "'prompt' schema (columns prompt)"),
+])
+def test_text_rows_mixed_with_another_schema_name_the_row(tmp_path, rows, row, fmt):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load(path)
+    assert (err.value.row, err.value.line, err.value.field, err.value.reason) == (row, row + 1, "text", "mixed schemas")
+    assert str(err.value) == (
+        f"{path}: row {row} (line {row + 1}), field 'text': expected a row of the {fmt} like the other rows, got a "
+        "language-modeling row (a 'text' column); text rows cannot share a dataset with another schema: give them "
+        "in a dataset of their own")
+    report = validate(path)  # drop_invalid counts them like any bad row
+    assert report.kept == len(rows) - 1 and report.dropped == {"text: mixed schemas": 1}
+
+
+@pytest.mark.parametrize("kind", ["pairwise", "listwise", "unpaired", "sft", "prompt"])
+def test_text_records_convert_to_no_other_kind(kind):
+    ds = load(EXAMPLES_DIR / "text.jsonl")
+    with pytest.raises(DataError) as err:
+        convert_kind(ds, kind)
+    assert err.value.reason == "text data"
+    assert str(err.value) == (
+        f"expected {kind} data, got text data (columns ['text']): language-modeling rows (a lone 'text' column) have "
+        "no prompt, completion or preference to learn from; only SFTTrainer (hfrlhf sft) and PPOTrainer's "
+        "ptx_dataset train on them")
+    with pytest.raises(DataError, match="expected text data, got sft data"):
+        load(EXAMPLES_DIR / "sft.jsonl", kind="text")
 
 
 # ------------------------------------------------------------------------------------------ property tests

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
+from hfrlhf.data.collators import SFTCollator
 from hfrlhf.data.errors import DataError
 from hfrlhf.data.tokenize import (
     tokenize_dataset,
     tokenize_prompt_completion,
     tokenize_prompt_completions,
+    tokenize_text,
 )
 from hfrlhf.models.tiny import build_tiny_tokenizer
 
@@ -295,3 +297,40 @@ def test_a_chat_template_that_refuses_a_conversation_names_the_row_and_field():
     with pytest.raises(DataError) as err:
         tokenize_dataset(rows.select([0, 2]), tok)
     assert (err.value.row, err.value.field) == (1, "prompt")
+
+
+# ------------------------------------------------------------------------------------------- language modeling
+
+
+def test_text_row_is_an_sft_record_scoring_every_token_after_the_first():
+    tok = build_tiny_tokenizer()
+    # by hand: the byte-level BPE splits " The was the and" into the vocabulary entries below (Ġ marks the
+    # space); no BOS is added, and EOS (<|im_end|>) is appended once
+    the, was, the_, and_ = tok.convert_tokens_to_ids(["ĠThe", "Ġwas", "Ġthe", "Ġand"])
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    out = tokenize_dataset(Dataset.from_list([{"text": " The was the and"}]), tok)
+    assert out.column_names == ["prompt_ids", "completion_ids", "num_prompt_tokens", "num_completion_tokens",
+                                "truncated"]
+    row = out[0]
+    assert row["prompt_ids"] == [the]
+    assert row["completion_ids"] == [was, the_, and_, eos]
+    assert (row["num_prompt_tokens"], row["num_completion_tokens"], row["truncated"]) == (1, 4, False)
+    # the SFT batch scores every token that has a predecessor: all but the first
+    batch = SFTCollator(pad_token_id=eos, index_keys=False)([row])
+    assert batch["input_ids"].tolist() == [[the, was, the_, and_, eos]]
+    assert batch["labels"].tolist() == [[-100, was, the_, and_, eos]]
+    # an EOS the text already ends with is kept, not doubled
+    assert tokenize_text(tok, " The was<|im_end|>").completion_ids == [was, eos]
+
+
+def test_text_rows_are_cut_to_max_length_keeping_their_start():
+    tok = build_tiny_tokenizer()
+    the, was, the_ = tok.convert_tokens_to_ids(["ĠThe", "Ġwas", "Ġthe"])
+    out = tokenize_dataset(Dataset.from_list([{"text": " The was the and"}, {"text": " The was"}]), tok, max_length=3)
+    assert (out[0]["prompt_ids"], out[0]["completion_ids"], out[0]["truncated"]) == ([the], [was, the_], True)
+    assert (out[1]["prompt_ids"], out[1]["completion_ids"], out[1]["truncated"]) == ([the], [was, tok.eos_token_id],
+                                                                                    False)
+    with pytest.raises(ValueError, match="max_length must be at least 2"):
+        tokenize_text(tok, " The", max_length=1)
+    with pytest.raises(DataError, match="expected text, got list"):
+        tokenize_text(tok, [{"role": "user", "content": "hi"}])

@@ -56,9 +56,13 @@ KINDS: dict[str, tuple[str, ...]] = {
     "pointwise": ("prompt", "completion", "score"),
     "sft": ("prompt", "completion"),
     "prompt": ("prompt",),
+    "text": ("text",),  # language modeling: every token is trained on, there is no prompt
 }
 # optional canonical columns, kept when the source has them
 _OPTIONAL: dict[str, tuple[str, ...]] = {"pairwise": ("margin",)}
+
+TEXT_TRAINERS = "only SFTTrainer (hfrlhf sft) and PPOTrainer's ptx_dataset"
+"""Who takes ``text`` (language-modeling) records; other trainers' errors name them."""
 
 Source = Union[str, "os.PathLike[str]", Dataset, DatasetDict, Sequence[Mapping[str, Any]]]
 
@@ -162,6 +166,11 @@ def _text_or_messages(value: Any, field: str) -> str | list[dict[str, str]]:
 
 def _form(value: str | list) -> str:
     return "text" if isinstance(value, str) else "messages"
+
+
+def _record_form(rec: Mapping[str, Any]) -> str:
+    """The form of a canonical record: its prompt's, or ``"text"`` for a language-modeling record."""
+    return _form(rec["prompt"]) if "prompt" in rec else "text"
 
 
 _FORM_NAME = {"text": "text", "messages": "a list of messages"}
@@ -278,6 +287,14 @@ def _check_prompt(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt": _text_or_messages(rec.get("prompt", _MISSING), "prompt")}
 
 
+def _check_text(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """Language modeling: ``text`` is non-empty plain text (a conversation goes in a ``messages`` column)."""
+    value = rec.get("text", _MISSING)
+    if isinstance(value, (list, tuple)) and value:
+        raise _fail("text", "non-empty text (a conversation goes in a 'messages' column)", value)
+    return {"text": _text(value, "text")}
+
+
 _CHECKS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "pairwise": _check_pairwise,
     "listwise": _check_listwise,
@@ -285,6 +302,7 @@ _CHECKS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "pointwise": _check_pointwise,
     "sft": _check_prompt_completion,
     "prompt": _check_prompt,
+    "text": _check_text,
 }
 
 
@@ -537,6 +555,7 @@ FORMATS: dict[str, SourceFormat] = {f.name: f for f in [
          fields={"prompt": "messages", "completion": "messages"}),
     _fmt("sft",               "sft",       "prompt completion",       _columns("prompt completion")),
     _fmt("prompt",            "prompt",    "prompt",                  _columns("prompt")),
+    _fmt("text",              "text",      "text",                    _columns("text")),
 ]}  # fmt: skip
 
 
@@ -799,14 +818,22 @@ def _normalise(
                 raise DataError(
                     f"expected a row as a dict/JSON object, got {_describe(raw)}", reason="not an object"
                 )
+            if fmt.name != "text" and "text" in raw and not fmt.requires & raw.keys():
+                raise DataError(
+                    f"expected a row of the {fmt.name!r} schema (columns {', '.join(sorted(fmt.requires))}) like "
+                    "the other rows, got a language-modeling row (a 'text' column); text rows cannot share a "
+                    "dataset with another schema: give them in a dataset of their own",
+                    field="text",
+                    reason="mixed schemas",
+                )
             rec = fmt.normalise(raw)
             rec.update({c: raw.get(c, _MISSING) for c in optional})
             rec = check(rec)
             if form is None:
-                form, form_row = _form(rec["prompt"]), row_idx
-            elif _form(rec["prompt"]) != form:
+                form, form_row = _record_form(rec), row_idx
+            elif _record_form(rec) != form:
                 raise DataError(
-                    f"expected {_FORM_NAME[form]} like row {form_row}, got {_FORM_NAME[_form(rec['prompt'])]}; "
+                    f"expected {_FORM_NAME[form]} like row {form_row}, got {_FORM_NAME[_record_form(rec)]}; "
                     "all rows must use the same form",
                     field="prompt",
                     reason="mixed text and messages",
@@ -834,6 +861,7 @@ def _to_dataset(records: list[dict[str, Any]], kind: str, columns: Sequence[str]
     text = _feature(form)
     types = {
         "prompt": text, "chosen": text, "rejected": text, "completion": text, "responses": List(text),
+        "text": Value("string"),
         "margin": Value("float64"), "scores": List(Value("float64")), "score": Value("float64"), "label": Value("bool"),
     }  # fmt: skip
     cols = [*KINDS[kind], *(c for c in _OPTIONAL.get(kind, ()) if c in columns)]
@@ -933,7 +961,7 @@ def load(
         logger.warning("%s", report)
     if not records:
         raise DataError(f"no valid rows left: {report}", source=rows.source, reason="no rows")
-    dataset = _to_dataset(records, fmt.kind, sorted(rows.columns), _form(records[0]["prompt"]))
+    dataset = _to_dataset(records, fmt.kind, sorted(rows.columns), _record_form(records[0]))
     return dataset if kind is None else convert_kind(dataset, kind)
 
 
@@ -964,6 +992,12 @@ def convert_kind(dataset: Dataset, kind: str) -> Dataset:
     have = record_kind(dataset)
     if have == kind:
         return dataset
+    if have == "text":
+        raise DataError(
+            f"expected {kind} data, got text data (columns {dataset.column_names}): language-modeling rows (a lone "
+            f"'text' column) have no prompt, completion or preference to learn from; {TEXT_TRAINERS} train on them",
+            reason="text data",
+        )
     if kind == "prompt":
         return convert.to_prompts(dataset)
     if (have, kind) not in _CONVERSIONS:

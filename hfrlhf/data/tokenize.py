@@ -15,6 +15,10 @@ Every completion ends with exactly one EOS: a template's own EOS is kept (not do
 after the final EOS (a trailing newline) is dropped; otherwise EOS is appended. Plain-text data gets no
 special tokens besides that EOS.
 
+Language-modeling records (a lone ``text``) are tokenized the same way as plain-text completions (no special
+tokens, exactly one EOS at the end) and stored as SFT records whose prompt is their first token: every token
+after it carries the loss. ``max_length`` keeps the start of a longer text (a cut text has no EOS).
+
 Truncation: ``max_prompt_length`` keeps the *end* of a longer prompt (the question is usually last); then
 every completion is cut to ``max_length - len(prompt_ids)`` tokens, keeping its start (a cut completion has
 no EOS, and is flagged ``truncated``). All completions of a prompt share the same prompt ids and the same
@@ -53,7 +57,13 @@ _COMPLETION_FIELDS: dict[str, tuple[str, ...]] = {
     "pointwise": ("completion",),
     "sft": ("completion",),
     "prompt": (),
+    "text": ("completion",),  # stored as an sft record: prompt_ids = the first token, completion_ids = the rest
 }
+
+
+def _text_columns(kind: str) -> tuple[str, ...]:
+    """The columns of canonical records of ``kind`` that tokenization replaces by ids."""
+    return ("text",) if kind == "text" else ("prompt", *_COMPLETION_FIELDS[kind])
 
 
 class TokenizedPair(NamedTuple):
@@ -266,6 +276,38 @@ def tokenize_prompt_completion(
     return TokenizedPair(group.prompt_ids, group.completions_ids[0], group.truncated)
 
 
+def tokenize_text(tokenizer: Any, text: str, *, max_length: int | None = None) -> TokenizedPair:
+    """Tokenize one language-modeling text: every token but the first (which has no predecessor) is trained on.
+
+    The text is tokenized as a plain-text completion is: no special tokens (no BOS), exactly one EOS at the end
+    (kept if the text already ends with it, appended otherwise). ``max_length`` keeps the first ``max_length``
+    tokens (the cut text has no EOS). The result is split after the first token, so the tokenized record is an
+    sft record whose completion is the rest of the text.
+
+    Raises:
+        DataError: ``text`` is not a string (``field="text"``).
+        ValueError: ``max_length`` below 2 (nothing left to train on), or a tokenizer without an EOS token.
+
+    >>> from hfrlhf.models.tiny import build_tiny_tokenizer
+    >>> tok = build_tiny_tokenizer()
+    >>> pair = tokenize_text(tok, " The was the")
+    >>> tok.decode(pair.prompt_ids), tok.decode(pair.completion_ids), pair.truncated
+    (' The', ' was the<|im_end|>', False)
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos_token; set one before tokenizing")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if not isinstance(text, str):
+        raise DataError(f"expected text, got {type(text).__name__}", field="text")
+    ids = _end_with_single_eos(_encode(tokenizer, text), eos_id, tokenizer)
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids = ids[:max_length]
+    return TokenizedPair(ids[:1], ids[1:], truncated)
+
+
 def _output_features(kind: str, features: Features, passthrough: list[str]) -> Features:
     ids = List(Value("int32"))
     out = {name: features[name] for name in passthrough}
@@ -303,18 +345,22 @@ def _tokenize_rows(
         if kind == "listwise":
             completions = list(batch["responses"][i])
             names = ["responses"] * len(completions)
-        else:
+        elif kind != "text":
             completions = [batch[f][i] for f in fields]
             names = list(fields)
         try:
-            group = tokenize_prompt_completions(
-                tokenizer,
-                batch["prompt"][i],
-                completions,
-                max_length=max_length,
-                max_prompt_length=max_prompt_length,
-                fields=names,
-            )
+            if kind == "text":
+                pair = tokenize_text(tokenizer, batch["text"][i], max_length=max_length)
+                group = TokenizedGroup(pair.prompt_ids, [pair.completion_ids], pair.truncated)
+            else:
+                group = tokenize_prompt_completions(
+                    tokenizer,
+                    batch["prompt"][i],
+                    completions,
+                    max_length=max_length,
+                    max_prompt_length=max_prompt_length,
+                    fields=names,
+                )
         except DataError as err:
             if drop_invalid and err.reason == NO_ROOM:
                 continue
@@ -355,7 +401,7 @@ def tokenize_dataset(
 
     Args:
         dataset: canonical records of one kind (``pairwise``, ``listwise``, ``unpaired``, ``pointwise``,
-            ``sft`` or ``prompt``).
+            ``sft``, ``prompt`` or ``text``; ``text`` records come out as ``sft`` ones, see :func:`tokenize_text`).
         tokenizer: a Hugging Face tokenizer with an EOS token (and a chat template for chat data).
         kind: the record kind; found from the column names (``formats.record_kind``) when None.
         max_length: cap on prompt + completion tokens.
@@ -380,7 +426,7 @@ def tokenize_dataset(
     kind = kind or record_kind(dataset)
     if kind not in _COMPLETION_FIELDS:
         raise ValueError(f"kind must be one of {sorted(_COMPLETION_FIELDS)}, got {kind!r}")
-    missing = [c for c in ("prompt", *_COMPLETION_FIELDS[kind]) if c not in dataset.column_names]
+    missing = [c for c in _text_columns(kind) if c not in dataset.column_names]
     if missing:
         raise ValueError(f"{kind} records need columns {missing}; got {dataset.column_names}")
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
@@ -389,7 +435,7 @@ def tokenize_dataset(
             "for the completion"
         )
     source = source or dataset.info.dataset_name or "dataset"
-    text_columns = {"prompt", *_COMPLETION_FIELDS[kind]}
+    text_columns = set(_text_columns(kind))
     passthrough = [c for c in dataset.column_names if c not in text_columns]
     passthrough = [c for c in passthrough if c not in ("num_prompt_tokens", "num_completion_tokens", "truncated")]
     before = len(dataset)
