@@ -1,6 +1,7 @@
 """SFT (stage 1): teach a Llama-family model to answer like the demonstrations.
 
-The loss covers the completion tokens only (prompt tokens are masked). With no
+The loss covers the completion tokens only (prompt tokens are masked); rows of plain ``text`` (TRL's
+language-modeling data) are trained on whole, every token but the first. With no
 ``--dataset_name`` it trains on the chosen answers of the preference pairs shipped with hfrlhf.
 
 Offline on CPU, the bundled SmolLM2-135M-Instruct with LoRA on the data shipped with hfrlhf:

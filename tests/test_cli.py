@@ -147,6 +147,16 @@ def test_drop_invalid_rows_drops_the_bad_rows_of_the_data_file(tiny_dir, tmp_pat
     assert "kept 7 of 8 rows (pairwise), dropped 1: 1 x chosen: null value" in caplog.text
 
 
+def test_sft_trains_on_a_file_of_text_rows_with_held_out_rows(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": f" The quick brown fox number {i}."}) + "\n" for i in range(8)))
+    argv = _dpo_argv(tiny_dir, tmp_path, data, "--eval_fraction", "0.25", "--max_length", "12")
+    assert cli.main(["sft", *argv[1:]]) == 0
+    assert "== hfrlhf sft: done" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"got text data .* only SFTTrainer \(hfrlhf sft\)"):
+        cli.main(argv)  # dpo
+
+
 def test_console_module_runs_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-m", "hfrlhf.cli", "--help"], capture_output=True, text=True,
                             timeout=120, cwd=ROOT)

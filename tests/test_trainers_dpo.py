@@ -493,3 +493,9 @@ def test_listwise_rpo_alpha_adds_the_best_responses_nll_by_hand(tmp_path, tok):
         nll.append(-logp[best] / len(row["responses_ids"][best]))
     assert losses[0.5] - losses[None] == pytest.approx(0.5 * sum(nll) / len(nll), abs=1e-5)
     assert losses[None] == pytest.approx(sum(pro) / len(pro), abs=1e-5)
+
+
+def test_text_rows_are_refused_naming_the_trainer_that_takes_them(tmp_path, tok):
+    with pytest.raises(ValueError, match=r"got text data .*language-modeling rows .* only SFTTrainer \(hfrlhf sft\)"):
+        DPOTrainer(build_tiny_llama(tok), args=_args(tmp_path), train_dataset=[{"text": "Hello there."}],
+                   processing_class=tok)

@@ -534,3 +534,9 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tok, data):
             losses.append(trainer.compute_loss(trainer.model, trainer.data_collator(_rows(trainer.train_dataset))).item())
     assert no_pad.pad_token_id == tok.eos_token_id
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)  # padding is never scored, whatever token it is
+
+
+def test_text_rows_are_refused_naming_the_trainer_that_takes_them(tmp_path, tok):
+    with pytest.raises(ValueError, match=r"got text data .*language-modeling rows .* only SFTTrainer \(hfrlhf sft\)"):
+        KTOTrainer(build_tiny_llama(tok), args=_args(tmp_path), train_dataset=[{"text": "Hello there."}],
+                   processing_class=tok)

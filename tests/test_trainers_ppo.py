@@ -327,3 +327,13 @@ def test_shared_lora_adapters_depend_on_the_seed_alone(tmp_path, tok):
     names = [n for n, _ in make(1).model.named_parameters() if "lora_A" in n]
     assert any(".critic." in n for n in names) and any(".policy." in n for n in names)
     assert_adapter_depends_on_seed_alone(make)
+
+
+def test_text_rows_are_refused_as_prompts_and_taken_as_ptx_data(tmp_path, tok):
+    texts = [{"text": " The quick brown fox."}, {"text": " one two three"}]
+    with pytest.raises(ValueError, match=r"expected prompt data, got text data .* only SFTTrainer \(hfrlhf sft\)"):
+        PPOTrainer(_args(tmp_path), tok, build_tiny_llama(tok), reward_model=length_reward, train_dataset=texts)
+    trainer = PPOTrainer(_args(tmp_path, ptx_coef=0.5), tok, build_tiny_llama(tok), reward_model=length_reward,
+                         train_dataset=PROMPTS[:4], ptx_dataset=texts)
+    first = trainer.ptx_dataset[0]
+    assert first["prompt_ids"] + first["completion_ids"] == tok(" The quick brown fox.").input_ids + [tok.eos_token_id]

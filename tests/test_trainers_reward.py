@@ -552,3 +552,9 @@ def test_reward_adapter_depends_on_the_seed_alone(tmp_path):
         build_tiny_llama(tok, seed=3), train_dataset=rows, processing_class=tok,
         args=RewardConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, seed=seed),
         peft_config=LoraConfig(r=4, target_modules="all-linear")))
+
+
+def test_text_rows_are_refused_naming_the_trainer_that_takes_them(tmp_path, tok):
+    with pytest.raises(ValueError, match=r"got text data .*language-modeling rows .* only SFTTrainer \(hfrlhf sft\)"):
+        RewardTrainer(_reward_model(tok), args=_args(tmp_path), train_dataset=[{"text": "Hello there."}],
+                      processing_class=tok)

@@ -155,3 +155,69 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tok, data):
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch).item()
     assert loss == pytest.approx(_hand_nll(model, data), abs=1e-5)  # padding (now EOS) is never scored
+
+
+# ------------------------------------------------------------------------------------------- language modeling
+
+TEXTS = [{"text": " The quick brown fox jumps over the lazy dog."},
+         {"text": " I really loved this film, the acting was wonderful."},
+         {"text": " one two three"}]
+
+
+def _hand_causal_lm_nll(model, tok, texts):
+    """Independent path: the text's own ids (no special tokens) plus EOS, one plain forward each, full softmax,
+    mean NLL of every token given the ones before it (all tokens but the first)."""
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum")
+        total += nll.item()
+        count += len(ids) - 1
+    return total / count
+
+
+@pytest.mark.parametrize("completion_only_loss", [True, False])
+def test_text_rows_loss_is_the_causal_lm_nll_of_the_whole_text(tmp_path, tok, completion_only_loss):
+    model = build_tiny_llama(tok, seed=3)
+    trainer = SFTTrainer(model, args=_args(tmp_path, completion_only_loss=completion_only_loss),
+                         train_dataset=TEXTS, processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    assert loss == pytest.approx(_hand_causal_lm_nll(model, tok, [r["text"] for r in TEXTS]), abs=1e-5)
+
+
+def test_text_rows_train_and_the_loss_decreases(tmp_path, tok):
+    model = build_tiny_llama(tok, seed=3)
+    args = _args(tmp_path, max_steps=8, learning_rate=5e-3)
+    trainer = SFTTrainer(model, args=args, train_dataset=TEXTS, eval_dataset=TEXTS, processing_class=tok)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.5
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
+
+
+def test_text_rows_are_cut_to_max_length(tmp_path, tok):
+    trainer = SFTTrainer(build_tiny_llama(tok), args=_args(tmp_path, max_length=5), train_dataset=TEXTS,
+                         processing_class=tok)
+    rows = trainer.train_dataset
+    assert all(len(r["prompt_ids"]) + len(r["completion_ids"]) <= 5 for r in rows)
+    first = tok(TEXTS[0]["text"], add_special_tokens=False).input_ids
+    assert rows[0]["prompt_ids"] + rows[0]["completion_ids"] == first[:5] and rows[0]["truncated"]
+
+
+def test_text_jsonl_file_trains_and_mixed_rows_are_refused(tmp_path, tok):
+    import json
+
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in TEXTS), encoding="utf-8")
+    trainer = SFTTrainer(build_tiny_llama(tok), args=_args(tmp_path), train_dataset=str(path), processing_class=tok)
+    assert len(trainer.train_dataset) == 3 and trainer.train().global_step == 1
+    mixed = [{"prompt": "Hi", "completion": " there"}, *TEXTS]
+    with pytest.raises(ValueError, match=r"row 1, field 'text': expected a row of the 'sft' schema .* got a "
+                                         r"language-modeling row"):
+        SFTTrainer(build_tiny_llama(tok), args=_args(tmp_path), train_dataset=mixed, processing_class=tok)

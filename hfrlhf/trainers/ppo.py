@@ -210,7 +210,7 @@ class PPOTrainer(HfrlhfTrainer):
     scores``), ``train_dataset`` (prompt records), ``value_model`` (an explicit critic: a sequence classifier),
     ``peft_config`` (LoRA: one base model for policy, reference and critic); keyword-only
     ``reward_processing_class`` (the reward model's tokenizer when it differs: completions are decoded and
-    re-tokenized) and ``ptx_dataset`` (SFT records mixed in with ``ptx_coef``).
+    re-tokenized) and ``ptx_dataset`` (SFT or language-modeling ``text`` records mixed in with ``ptx_coef``).
     """
 
     _tag_names = ["hfrlhf", "ppo"]
@@ -275,7 +275,8 @@ class PPOTrainer(HfrlhfTrainer):
         self.scorer = scorer
         self.ptx_dataset = None
         if ptx_dataset is not None and args.ptx_coef > 0:
-            self.ptx_dataset = prepare_dataset(ptx_dataset, processing_class, args, kinds=("sft",), name="ptx_dataset")
+            self.ptx_dataset = prepare_dataset(ptx_dataset, processing_class, args, kinds=("sft", "text"),
+                                               name="ptx_dataset")
         self.ptx_collator = SFTCollator(processing_class.pad_token_id)
         self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl
                        else FixedKLController(args.kl_coef))

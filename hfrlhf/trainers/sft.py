@@ -1,7 +1,8 @@
 """SFTTrainer: supervised fine-tuning (stage 1) with a completion-only loss.
 
 Drop-in for TRL's ``SFTTrainer`` on prompt-completion data (``prompt`` + ``completion``, or chat
-``messages`` whose last assistant turn is the completion): the same constructor arguments and the
+``messages`` whose last assistant turn is the completion) and on language-modeling data (a lone ``text``
+column, trained on every token but the first): the same constructor arguments and the
 ``completion_only_loss`` switch. The loss is the mean negative log-likelihood of the completion tokens;
 prompt tokens carry no loss. Log-probs come from hidden states in chunks over the vocabulary
 (:func:`hfrlhf.ops.logprobs.batch_logprobs`), so ``[B, T, vocab]`` logits are never materialised; the
@@ -40,6 +41,8 @@ from hfrlhf.trainers.base import (
 )
 
 __all__ = ["SFTConfig", "SFTTrainer", "WholeSequenceCollator"]
+
+_KINDS = ("sft", "text")  # record kinds SFT trains on: prompt-completion records and language-modeling text
 
 
 @dataclass
@@ -92,7 +95,8 @@ class SFTTrainer(HfrlhfTrainer):
         model: a causal LM, or a name/path (``"smollm2-135m-instruct"`` for the bundled model).
         args: :class:`SFTConfig`.
         train_dataset / eval_dataset: ``prompt`` + ``completion`` records (text or chat messages), chat
-            ``messages``, or anything ``hfrlhf.data.load`` reads as such (a Dataset, a list of rows, a path).
+            ``messages``, language-modeling ``text`` rows (every token but the first is trained on), or anything
+            ``hfrlhf.data.load`` reads as such (a Dataset, a list of rows, a path).
         processing_class: the tokenizer (loaded from the model's name when omitted).
         peft_config: a peft ``LoraConfig`` to train an adapter instead of all weights.
 
@@ -101,7 +105,7 @@ class SFTTrainer(HfrlhfTrainer):
     """
 
     _tag_names = ["hfrlhf", "sft"]
-    dataset_kinds = ("sft",)  # datasets given to evaluate() are prepared like eval_dataset
+    dataset_kinds = _KINDS  # datasets given to evaluate() are prepared like eval_dataset
 
     def __init__(
         self,
@@ -120,9 +124,10 @@ class SFTTrainer(HfrlhfTrainer):
         args = args or SFTConfig(output_dir="sft-output")
         model, processing_class, _ = prepare_policy(model, processing_class, args, peft_config)
         if train_dataset is not None:
-            train_dataset = prepare_dataset(train_dataset, processing_class, args, kinds=("sft",))
+            train_dataset = prepare_dataset(train_dataset, processing_class, args, kinds=_KINDS)
         eval_dataset = prepare_eval_datasets(  # one dataset, or a dict of named ones
-            eval_dataset, lambda data, name: prepare_dataset(data, processing_class, args, kinds=("sft",), name=name))
+            eval_dataset,
+            lambda data, name: prepare_dataset(data, processing_class, args, kinds=_KINDS, name=name))
         collator_cls = SFTCollator if args.completion_only_loss else WholeSequenceCollator
         data_collator = data_collator or collator_cls(processing_class.pad_token_id, layout=args.layout,
                                                       max_tokens_per_row=args.max_tokens_per_row)

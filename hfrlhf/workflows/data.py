@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from datasets import Dataset
 
 from hfrlhf.data.errors import DataError
-from hfrlhf.data.formats import EXAMPLES_DIR, convert_kind, load
+from hfrlhf.data.formats import EXAMPLES_DIR, convert_kind, load, record_kind
 from hfrlhf.workflows.args import ScriptArguments
 
 __all__ = ["DEMO_PAIRWISE", "load_splits", "describe_source", "rows_named_in_source"]
@@ -40,15 +40,16 @@ def describe_source(script_args: ScriptArguments) -> str:
     return path.name if path.exists() else source
 
 
-def load_splits(script_args: ScriptArguments, *, kind: str | None, seed: int = 42, drop_invalid: bool = False
-                ) -> tuple[Dataset, Dataset | None]:
+def load_splits(script_args: ScriptArguments, *, kind: str | Sequence[str] | None, seed: int = 42,
+                drop_invalid: bool = False) -> tuple[Dataset, Dataset | None]:
     """Canonical records to train and evaluate on.
 
     Args:
         script_args: ``dataset_name`` (default: :data:`DEMO_PAIRWISE`), ``dataset_format``, the splits and
             ``eval_fraction``.
-        kind: the canonical kind the trainer takes (``"pairwise"``, ``"unpaired"``, ...), or None to keep
-            what the data is (trainers that accept several kinds).
+        kind: the canonical kind the trainer takes (``"pairwise"``, ``"unpaired"``, ...), or several (data of
+            none of them is converted to the first: SFT takes ``("sft", "text")``), or None to keep what the data
+            is (trainers that accept several kinds).
         seed: seed of the held-out split, so the same rows are held out on every run and every process.
         drop_invalid: drop invalid rows with a report instead of stopping at the first (the trainer config's
             ``drop_invalid_rows``).
@@ -68,8 +69,10 @@ def load_splits(script_args: ScriptArguments, *, kind: str | None, seed: int = 4
         parts = train.train_test_split(test_size=script_args.eval_fraction, seed=seed, shuffle=True)
         train, held_out = parts["train"], parts["test"]
     if kind is not None:
-        train = convert_kind(train, kind)
-        held_out = convert_kind(held_out, kind) if held_out is not None else None
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        train = train if record_kind(train) in kinds else convert_kind(train, kinds[0])
+        if held_out is not None and record_kind(held_out) not in kinds:
+            held_out = convert_kind(held_out, kinds[0])
     logger.info("data: %d training rows%s from %s", len(train),
                 f", {len(held_out)} held out" if held_out is not None else "", source)
     return train, held_out
@@ -92,10 +95,11 @@ def rows_named_in_source(script_args: ScriptArguments, splits: Mapping[str, Data
             use_test = err.source == "eval_dataset" and script_args.dataset_test_split
             split = script_args.dataset_test_split if use_test else script_args.dataset_train_split
             source = script_args.dataset_name or str(DEMO_PAIRWISE)
-            prompt = records[err.row]["prompt"]
+            key = "prompt" if "prompt" in records.column_names else "text"  # language-modeling records: the text
+            prompt = records[err.row][key]
             try:
-                prompts = load(source, script_args.dataset_format, split=split)["prompt"]
-            except DataError:  # invalid rows were dropped: the source's row numbers cannot be matched
+                prompts = load(source, script_args.dataset_format, split=split)[key]
+            except (DataError, KeyError):  # invalid rows were dropped, or another kind: rows cannot be matched
                 raise err from None
             row = next((i for i, p in enumerate(prompts) if p == prompt), None)
             if row is not None:

@@ -343,7 +343,7 @@ def train_and_finish(
     training_args: TrainingArguments,
     model_args: ModelArguments,
     *,
-    data_kind: str,
+    data_kind: str | tuple[str, ...],
     reward_model: bool = False,
 ) -> RunResult:
     """One whole run: steps 1 to 4 for ``trainer_cls`` (called as TRL's trainers are) on ``data_kind`` records.
