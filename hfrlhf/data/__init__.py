@@ -35,12 +35,17 @@ from hfrlhf.data.formats import (
     record_kind,
     validate,
 )
-from hfrlhf.data.tokenize import tokenize_dataset, tokenize_prompt_completion, tokenize_prompt_completions
+from hfrlhf.data.tokenize import (
+    tokenize_dataset,
+    tokenize_prompt_completion,
+    tokenize_prompt_completions,
+    tokenize_text,
+)
 
 __all__ = [
     "EXAMPLES_DIR", "FORMATS", "KINDS", "tokenize_prompt_completions",
     "DataError", "ListwiseCollator", "PairwiseCollator", "PointwiseCollator", "PromptCollator", "SFTCollator",
     "UnpairedCollator", "ValidationReport", "build_batch", "convert_kind", "detect_format", "listwise_to_pairs",
     "load", "pairs_to_listwise", "pairs_to_sft", "pointwise_to_listwise", "pointwise_to_pairs", "record_kind",
-    "to_prompts", "tokenize_dataset", "tokenize_prompt_completion", "unpair", "validate",
+    "to_prompts", "tokenize_dataset", "tokenize_prompt_completion", "tokenize_text", "unpair", "validate",
 ]
