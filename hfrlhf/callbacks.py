@@ -122,14 +122,14 @@ def _sample_kl(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], *,
                 prompt_batch = collate([{"prompt_ids": p} for p in prompt_ids[start:start + batch_size]])
                 ids, mask = prompt_batch["input_ids"].to(device), prompt_batch["attention_mask"].to(device)
                 if rescore_policy:
-                    responses = truncate_at_stop(generate(policy, ids, mask, config), stops, tokenizer.pad_token_id)
-                    batch = sequence_batch(ids, mask, responses, tokenizer.pad_token_id)
-                    # both log-probs from the same teacher-forced computation: a policy equal to its reference gives 0
-                    policy_logps = batch_logprobs(policy, batch, temperature=temperature).token_logps
+                    generated, step_logps = generate(policy, ids, mask, config), None
                 else:
                     generated, step_logps = generate_with_logprobs(policy, ids, mask, config, temperature)
-                    responses = truncate_at_stop(generated, stops, tokenizer.pad_token_id)
-                    batch = sequence_batch(ids, mask, responses, tokenizer.pad_token_id)
+                responses = truncate_at_stop(generated, stops, tokenizer.pad_token_id)
+                batch = sequence_batch(ids, mask, responses, tokenizer.pad_token_id)
+                if step_logps is None:  # teacher-forced like the reference's: a policy equal to it gives exactly 0
+                    policy_logps = batch_logprobs(policy, batch, temperature=temperature).token_logps
+                else:
                     policy_logps = step_logps[responses.mask]  # row-major: the order of the batch's scored tokens
                 token_kl = policy_logps - reference_logps(policy, batch, ref_model, temperature=temperature)  # (N,)
                 seq_kl = torch.zeros(len(prompt_batch["input_ids"]), dtype=torch.float64, device=device)

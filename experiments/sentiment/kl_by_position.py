@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from prompts import unseen_dev_prompts  # noqa: E402
-from sampling import GenerationSettings, prompt_ids, sample  # noqa: E402
+from sampling import GenerationSettings, sample, scoring_batches  # noqa: E402
 
 RANGES = ((0, 1), (1, 3), (3, 5), (5, 10), (10, 20), (20, 30), (30, 10_000))
 
@@ -52,26 +52,16 @@ def token_kls(policy: torch.nn.Module, tokenizer, prompts: Sequence[str], sample
               ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-token ``log pi - log ref`` of ``samples`` sampled answers per prompt, their positions, and the count."""
     from hfrlhf.ops.logprobs import batch_logprobs
-    from hfrlhf.ops.rollout import Responses, RolloutCollator, reference_logps, sequence_batch
+    from hfrlhf.ops.rollout import reference_logps
 
     settings = GenerationSettings()
     s = sample(policy, tokenizer, prompts, settings, n=samples, seed=seed)
-    ids = prompt_ids(tokenizer, prompts)
-    collate = RolloutCollator(tokenizer)
-    kls, positions = [], []
-    for start in range(0, len(s.token_ids), settings.batch_size):
-        idx = range(start, min(start + settings.batch_size, len(s.token_ids)))
-        batch = collate([{"prompt": "", "prompt_ids": ids[i // s.n]} for i in idx])
-        lengths = [len(s.token_ids[i]) for i in idx]
-        resp = torch.full((len(idx), max(lengths)), tokenizer.pad_token_id, dtype=torch.long)
-        for r, i in enumerate(idx):
-            resp[r, :lengths[r]] = torch.tensor(s.token_ids[i])
-        responses = Responses(resp, torch.tensor(lengths), torch.tensor([s.ended[i] for i in idx]))
-        seq = sequence_batch(batch["input_ids"], batch["attention_mask"], responses, tokenizer.pad_token_id)
+    kls = []
+    for seq in scoring_batches(tokenizer, s, settings.batch_size):
         kls.append(batch_logprobs(policy, seq, temperature=settings.temperature).token_logps
                    - reference_logps(policy, seq, None, temperature=settings.temperature))
-        positions.append(torch.cat([torch.arange(n) for n in lengths]))
-    return torch.cat(kls).double(), torch.cat(positions), len(s.token_ids)
+    positions = torch.cat([torch.arange(len(t)) for t in s.token_ids])  # the scored tokens' order
+    return torch.cat(kls).double(), positions, len(s.token_ids)
 
 
 def main() -> None:

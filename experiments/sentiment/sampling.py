@@ -7,7 +7,7 @@ sampled tokens are taken with ``sequence_batch`` + ``batch_logprobs`` (the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,7 +26,7 @@ from hfrlhf.ops.rollout import (
     truncate_at_stop,
 )
 
-__all__ = ["GenerationSettings", "Samples", "prompt_ids", "sample", "sequence_logps"]
+__all__ = ["GenerationSettings", "Samples", "prompt_ids", "sample", "scoring_batches", "sequence_logps"]
 
 
 @dataclass(frozen=True)
@@ -111,21 +111,27 @@ def sequence_logps(model: nn.Module, tokenizer: Any, samples: Samples, *, temper
     """
     was_training = model.training
     model.eval()
-    collate = RolloutCollator(tokenizer)
-    ids = prompt_ids(tokenizer, samples.prompts)
     out = []
     context = model.disable_adapter() if adapter_off else nullcontext()
     with context:
-        for start in range(0, len(samples.token_ids), batch_size):
-            idx = range(start, min(start + batch_size, len(samples.token_ids)))
-            batch = collate([{"prompt": "", "prompt_ids": ids[i // samples.n]} for i in idx])
-            width = max(len(samples.token_ids[i]) for i in idx)
-            resp = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-            for r, i in enumerate(idx):
-                resp[r, :len(samples.token_ids[i])] = torch.tensor(samples.token_ids[i])
-            lengths = torch.tensor([len(samples.token_ids[i]) for i in idx])
-            responses = Responses(resp, lengths, torch.tensor([samples.ended[i] for i in idx]))
-            seq = sequence_batch(batch["input_ids"], batch["attention_mask"], responses, tokenizer.pad_token_id)
+        for seq in scoring_batches(tokenizer, samples, batch_size):
             out.append(batch_logprobs(model, seq, temperature=temperature).seq_logps.float())
     model.train(was_training)
     return torch.cat(out)
+
+
+def scoring_batches(tokenizer: Any, samples: Samples, batch_size: int = 50) -> Iterator[dict[str, torch.Tensor]]:
+    """The sampled completions with their prompts, ``batch_size`` at a time, as ``sequence_batch`` batches (the
+    index scheme ``batch_logprobs`` scores), in the order of ``samples.token_ids``."""
+    collate = RolloutCollator(tokenizer)
+    ids = prompt_ids(tokenizer, samples.prompts)
+    for start in range(0, len(samples.token_ids), batch_size):
+        idx = range(start, min(start + batch_size, len(samples.token_ids)))
+        batch = collate([{"prompt": "", "prompt_ids": ids[i // samples.n]} for i in idx])
+        width = max(len(samples.token_ids[i]) for i in idx)
+        resp = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        for r, i in enumerate(idx):
+            resp[r, :len(samples.token_ids[i])] = torch.tensor(samples.token_ids[i])
+        lengths = torch.tensor([len(samples.token_ids[i]) for i in idx])
+        responses = Responses(resp, lengths, torch.tensor([samples.ended[i] for i in idx]))
+        yield sequence_batch(batch["input_ids"], batch["attention_mask"], responses, tokenizer.pad_token_id)
